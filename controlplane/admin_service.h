@@ -1,0 +1,43 @@
+// AdminServiceImpl: the gRPC AdminService for sflbctl and the dataplane's admin endpoints.
+// Every call must present the admin key as `authorization: Bearer <key>` metadata.
+#ifndef SFLB_CONTROLPLANE_ADMIN_SERVICE_H_
+#define SFLB_CONTROLPLANE_ADMIN_SERVICE_H_
+
+#include <string>
+
+#include "absl/time/time.h"
+#include "controlplane/key_registry.h"
+#include "controlplane/key_service.h"
+#include "controlplane/key_source.h"
+#include "sflb/v1/admin_service.grpc.pb.h"
+
+namespace sflb {
+
+// Thread-safe.
+class AdminServiceImpl final : public v1::AdminService::Service {
+ public:
+  // All pointers must outlive the service. `admin_key` must not be empty.
+  AdminServiceImpl(std::string admin_key, KeyRegistry* registry, KeySource* source,
+                   const KeyServiceImpl* key_service, absl::Time started_at);
+
+  grpc::Status Reload(grpc::ServerContext* context, const v1::ReloadRequest* request,
+                      v1::ReloadResponse* response) override;
+  grpc::Status GetStats(grpc::ServerContext* context, const v1::GetStatsRequest* request,
+                        v1::GetStatsResponse* response) override;
+  grpc::Status ListKeys(grpc::ServerContext* context, const v1::ListKeysRequest* request,
+                        v1::ListKeysResponse* response) override;
+
+ private:
+  // UNAUTHENTICATED unless the call carries the admin key. Logs failures with the peer.
+  grpc::Status Authenticate(grpc::ServerContext* context, const char* method) const;
+
+  const std::string admin_key_;
+  KeyRegistry* const registry_;
+  KeySource* const source_;
+  const KeyServiceImpl* const key_service_;
+  const absl::Time started_at_;
+};
+
+}  // namespace sflb
+
+#endif  // SFLB_CONTROLPLANE_ADMIN_SERVICE_H_

@@ -1,0 +1,125 @@
+#include "controlplane/controlplane_server.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_util.h"
+#include "common/log.h"
+#include "common/signals.h"
+#include "common/version.h"
+#include "controlplane/admin_service.h"
+#include "controlplane/key_registry.h"
+#include "controlplane/key_service.h"
+#include "controlplane/key_source.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+
+namespace sflb {
+
+void RegisterControlplaneOptions(OptionParser* parser, ControlplaneOptions* options) {
+  parser->AddString("listen", "SFLB_LISTEN", &options->listen,
+                    "gRPC listen address host:port (port 0 picks a free port)");
+  parser->AddString("keys-file", "SFLB_KEYS_FILE", &options->keys_file,
+                    "Keys file, one key per line; when missing, SILICONFLOW_API_KEY_1..N are read");
+  parser->AddSecret("admin-key", "LB_ADMIN_KEY", &options->admin_key,
+                    "Admin key that sflbctl and dataplane admin endpoints must present (required)");
+  parser->AddString("base-url", "SILICONFLOW_BASE_URL", &options->base_url,
+                    "SiliconFlow API base URL (for balance checks)");
+  parser->AddDuration("watch-heartbeat", "SFLB_WATCH_HEARTBEAT", &options->watch_heartbeat,
+                      "Longest silence on a dataplane watch stream before a heartbeat");
+  parser->AddDuration("shutdown-grace", "SFLB_SHUTDOWN_GRACE", &options->shutdown_grace,
+                      "Time in-flight RPCs get to finish on SIGTERM");
+  parser->AddString("log-level", "SFLB_LOG_LEVEL", &options->log_level,
+                    "Log level: debug, info, warning, error");
+}
+
+absl::Status ValidateControlplaneOptions(const ControlplaneOptions& options) {
+  if (options.admin_key.empty()) {
+    return absl::InvalidArgumentError(
+        "LB_ADMIN_KEY is required: set it (or --admin-key-file) to the key sflbctl will present");
+  }
+  if (options.listen.empty()) return absl::InvalidArgumentError("SFLB_LISTEN is empty");
+  if (options.watch_heartbeat < absl::Milliseconds(100)) {
+    return absl::InvalidArgumentError("SFLB_WATCH_HEARTBEAT must be at least 100ms");
+  }
+  LogLevel level;
+  if (!ParseLogLevel(options.log_level, &level)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SFLB_LOG_LEVEL: unknown level '", options.log_level, "'"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup& env) {
+  absl::Time started_at = absl::Now();
+  KeyRegistry registry(RealClock::Get());
+  KeySource source(options.keys_file, env, &registry);
+
+  absl::StatusOr<ReloadOutcome> initial = source.Reload();
+  if (initial.ok()) {
+    LogInfo("keys_loaded", {{"count", initial->change.new_count},
+                            {"source", initial->source},
+                            {"warnings", initial->warnings}});
+  } else {
+    // Starting empty lets a Secret or a keys file arrive later (reload / SIGHUP); dataplanes
+    // answer 503 until then.
+    LogError("no_keys_loaded", {{"reason", std::string(initial.status().message())},
+                                {"hint", "create the keys file or set SILICONFLOW_API_KEY_1, then "
+                                         "run 'sflbctl reload' or send SIGHUP"}});
+  }
+
+  KeyServiceImpl key_service(&registry, options.watch_heartbeat);
+  AdminServiceImpl admin_service(options.admin_key, &registry, &source, &key_service, started_at);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int selected_port = 0;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &selected_port);
+  builder.RegisterService(&key_service);
+  builder.RegisterService(&admin_service);
+  builder.SetMaxReceiveMessageSize(16 * 1024 * 1024);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || selected_port == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.listen, " (address in use or invalid?)"));
+  }
+  std::string host = options.listen.substr(0, options.listen.rfind(':'));
+  LogInfo("listening", {{"address", absl::StrCat(host, ":", selected_port)},
+                        {"port", selected_port},
+                        {"version", kVersion}});
+
+  for (;;) {
+    int sig = WaitForSignal(absl::Seconds(1));
+    if (sig == SIGHUP) {
+      absl::StatusOr<ReloadOutcome> outcome = source.Reload();
+      if (outcome.ok()) {
+        LogInfo("keys_reloaded", {{"trigger", "SIGHUP"},
+                                  {"previous", outcome->change.previous_count},
+                                  {"new", outcome->change.new_count},
+                                  {"added", outcome->change.added},
+                                  {"removed", outcome->change.removed},
+                                  {"warnings", outcome->warnings}});
+      } else {
+        LogWarning("reload_failed", {{"trigger", "SIGHUP"},
+                                     {"reason", std::string(outcome.status().message())}});
+      }
+      continue;
+    }
+    if (sig == SIGTERM || sig == SIGINT) {
+      LogInfo("shutting_down", {{"signal", sig}});
+      break;
+    }
+  }
+  key_service.Shutdown();
+  if (grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService()) {
+    health->Shutdown();
+  }
+  server->Shutdown(absl::ToChronoTime(absl::Now() + options.shutdown_grace));
+  server->Wait();
+  LogInfo("stopped");
+  return absl::OkStatus();
+}
+
+}  // namespace sflb

@@ -1,0 +1,44 @@
+// ControlplaneServer: assembles sflb-controlplane (registry, key source, gRPC services with
+// health checking and reflection) from its Options. main.cc parses settings and calls Run().
+#ifndef SFLB_CONTROLPLANE_CONTROLPLANE_SERVER_H_
+#define SFLB_CONTROLPLANE_CONTROLPLANE_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "common/options.h"
+
+namespace sflb {
+
+struct ControlplaneOptions {
+  // gRPC listen address (SFLB_LISTEN). Port 0 picks a free port (logged as "listening").
+  std::string listen = "0.0.0.0:50051";
+  // Keys file (SFLB_KEYS_FILE); when missing, SILICONFLOW_API_KEY_1..N are used.
+  std::string keys_file = "keys.txt";
+  // Admin key sflbctl must present (LB_ADMIN_KEY). Required.
+  std::string admin_key;
+  // Upstream base URL (SILICONFLOW_BASE_URL), for balance checks.
+  std::string base_url = "https://api.siliconflow.cn/v1";
+  // Longest a Watch stream stays silent before a heartbeat.
+  absl::Duration watch_heartbeat = absl::Seconds(5);
+  // Grace for in-flight RPCs on shutdown.
+  absl::Duration shutdown_grace = absl::Seconds(5);
+  // Log level: debug, info, warning, error.
+  std::string log_level = "info";
+};
+
+// Declares every controlplane setting on `parser`, bound to `options`.
+void RegisterControlplaneOptions(OptionParser* parser, ControlplaneOptions* options);
+
+// Checks settings that cannot be checked one by one. INVALID_ARGUMENT with the reason.
+absl::Status ValidateControlplaneOptions(const ControlplaneOptions& options);
+
+// Runs the controlplane until SIGTERM/SIGINT. Returns OK on a clean shutdown, else the reason
+// it could not start (e.g. the listen address is taken).
+absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup& env);
+
+}  // namespace sflb
+
+#endif  // SFLB_CONTROLPLANE_CONTROLPLANE_SERVER_H_

@@ -1,0 +1,132 @@
+// KeyRegistry: the one owner of the upstream key set, its round-robin sequence, per-key state
+// and counters, and the version history that Watch streams are built from.
+//
+// Thread-safe: every method may be called from any gRPC handler thread. One mutex guards all
+// state; no method does I/O while holding it.
+#ifndef SFLB_CONTROLPLANE_KEY_REGISTRY_H_
+#define SFLB_CONTROLPLANE_KEY_REGISTRY_H_
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/time/time.h"
+#include "common/clock.h"
+#include "common/keys_file.h"
+#include "common/mutex.h"
+#include "sflb/v1/admin_service.pb.h"
+#include "sflb/v1/key_service.pb.h"
+#include "sflb/v1/keys.pb.h"
+
+namespace sflb {
+
+// What a Replace() changed.
+struct ReplaceResult {
+  uint32_t previous_count = 0;
+  uint32_t new_count = 0;
+  std::vector<std::string> added;    // fingerprints
+  std::vector<std::string> removed;  // fingerprints
+  uint64_t version = 0;
+};
+
+class KeyRegistry {
+ public:
+  // `clock` must outlive the registry.
+  explicit KeyRegistry(Clock* clock);
+  KeyRegistry(const KeyRegistry&) = delete;
+  KeyRegistry& operator=(const KeyRegistry&) = delete;
+
+  // Makes `keys` the key set, atomically. A key whose secret was already present keeps its id,
+  // state and counters (its account is updated from the new spec); new keys start ACTIVE;
+  // removed keys are retired (dataplanes drop them on the next snapshot, requests already using
+  // them finish). Always bumps the version when anything changed.
+  ReplaceResult Replace(const KeySet& keys);
+
+  // Cuts up to `count` assignments from the global round-robin sequence over ACTIVE keys.
+  // Returns fewer (possibly none) only when no key is active.
+  v1::LeaseResponse Lease(uint32_t count);
+
+  // Adds a replica's usage counters. Ids of retired keys are ignored.
+  void ApplyUsage(const v1::ReportRequest& report);
+
+  // Sets a key's state (operator or health logic). Returns false for an unknown id. Bumps the
+  // version and records a delta when the state changed.
+  bool SetState(uint64_t id, v1::KeyState state, std::string reason, absl::Time until);
+
+  // The whole key set, for a new Watch stream.
+  v1::Snapshot BuildSnapshot() const;
+
+  // Fills `out` with what a watcher holding `known_version` needs next: a delta when the
+  // history since then is retained and holds no reload, else a full snapshot. Returns false
+  // (leaving `out` untouched) when `known_version` is current.
+  bool BuildUpdate(uint64_t known_version, v1::WatchResponse* out) const;
+
+  // Waits until the version differs from `known_version`, or `timeout` passes.
+  void WaitForChange(uint64_t known_version, absl::Duration timeout) const;
+
+  uint64_t version() const;
+  size_t size() const;
+
+  // Operator views. Never include secrets.
+  std::vector<v1::KeyStatus> ListKeys(v1::KeyState filter) const;
+  // Fills the pool-wide fields of `out` (keys, totals, version, leased_total).
+  void FillStats(v1::GetStatsResponse* out) const;
+
+  // Resolves an operator's key reference: an index ("3"), a fingerprint (or unique prefix of 6+
+  // hex digits) or a registry id ("id:17"). NOT_FOUND or INVALID_ARGUMENT (ambiguous) otherwise.
+  absl::StatusOr<uint64_t> Resolve(const std::string& reference) const;
+
+ private:
+  struct Entry {
+    uint64_t id = 0;
+    std::string secret;
+    std::string fingerprint;
+    std::string masked;
+    std::string account;
+    uint32_t index = 0;
+    v1::KeyState state = v1::KEY_STATE_ACTIVE;
+    std::string state_reason;
+    absl::Time state_since;
+    absl::Time state_until = absl::InfinitePast();
+    uint64_t request_count = 0;
+    absl::Time last_used = absl::InfinitePast();
+    uint64_t prompt_tokens = 0;
+    uint64_t completion_tokens = 0;
+    absl::Time added_at;
+  };
+  // One version step. `full` marks a reload: watchers behind it get a snapshot.
+  struct Change {
+    uint64_t version = 0;
+    bool full = false;
+    std::vector<uint64_t> upserted;
+  };
+
+  void BumpVersion(Change change) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RebuildActive() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static void FillUpstreamKey(const Entry& e, v1::UpstreamKey* out);
+  static void FillStatus(const Entry& e, v1::KeyStatus* out);
+
+  Clock* const clock_;
+  const std::string epoch_;
+  mutable Mutex mu_;
+  mutable CondVar changed_;
+  // The key set in file order.
+  std::vector<std::unique_ptr<Entry>> keys_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, Entry*> by_id_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, Entry*> by_secret_ ABSL_GUARDED_BY(mu_);
+  // Ids of ACTIVE keys in file order: the round-robin ring.
+  std::vector<uint64_t> active_ ABSL_GUARDED_BY(mu_);
+  uint64_t rr_cursor_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t leased_total_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t version_ ABSL_GUARDED_BY(mu_) = 1;
+  // Recent version steps, oldest first, at most kMaxChanges.
+  std::deque<Change> changes_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace sflb
+
+#endif  // SFLB_CONTROLPLANE_KEY_REGISTRY_H_

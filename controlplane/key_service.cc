@@ -1,0 +1,93 @@
+#include "controlplane/key_service.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "common/time_format.h"
+
+namespace sflb {
+namespace {
+
+constexpr uint32_t kMaxLease = 8192;
+constexpr size_t kMaxReplicaIdLength = 256;
+// How often a waiting Watch handler checks for cancellation and shutdown.
+constexpr absl::Duration kWaitSlice = absl::Milliseconds(250);
+
+grpc::Status CheckReplicaId(const std::string& replica_id) {
+  if (replica_id.size() > kMaxReplicaIdLength) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("replica_id longer than ", kMaxReplicaIdLength, " bytes"));
+  }
+  return grpc::Status::OK;
+}
+
+}  // namespace
+
+KeyServiceImpl::KeyServiceImpl(KeyRegistry* registry, absl::Duration heartbeat)
+    : registry_(registry), heartbeat_(heartbeat) {}
+
+grpc::Status KeyServiceImpl::Watch(grpc::ServerContext* context, const v1::WatchRequest* request,
+                                   grpc::ServerWriter<v1::WatchResponse>* writer) {
+  grpc::Status valid = CheckReplicaId(request->replica_id());
+  if (!valid.ok()) return valid;
+  watchers_.fetch_add(1);
+  LogInfo("watch_opened", {{"replica", request->replica_id()}, {"peer", context->peer()}});
+
+  v1::WatchResponse first;
+  *first.mutable_snapshot() = registry_->BuildSnapshot();
+  *first.mutable_sent_at() = ToProtoTime(absl::Now());
+  uint64_t sent_version = first.snapshot().version();
+  bool open = writer->Write(first);
+  absl::Time last_write = absl::Now();
+
+  while (open && !context->IsCancelled() && !shutting_down_.load()) {
+    v1::WatchResponse next;
+    if (registry_->BuildUpdate(sent_version, &next)) {
+      sent_version = next.has_snapshot() ? next.snapshot().version() : next.delta().version();
+    } else if (absl::Now() - last_write < heartbeat_) {
+      registry_->WaitForChange(sent_version, kWaitSlice);
+      continue;
+    }
+    // Either an update or a heartbeat (no update set).
+    *next.mutable_sent_at() = ToProtoTime(absl::Now());
+    open = writer->Write(next);
+    last_write = absl::Now();
+  }
+  watchers_.fetch_sub(1);
+  LogInfo("watch_closed", {{"replica", request->replica_id()}});
+  if (shutting_down_.load()) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "controlplane shutting down");
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status KeyServiceImpl::Lease(grpc::ServerContext* context, const v1::LeaseRequest* request,
+                                   v1::LeaseResponse* response) {
+  grpc::Status valid = CheckReplicaId(request->replica_id());
+  if (!valid.ok()) return valid;
+  if (request->count() == 0) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "count must be at least 1");
+  }
+  *response = registry_->Lease(std::min(request->count(), kMaxLease));
+  return grpc::Status::OK;
+}
+
+grpc::Status KeyServiceImpl::Report(grpc::ServerContext* context,
+                                    const v1::ReportRequest* request,
+                                    v1::ReportResponse* response) {
+  grpc::Status valid = CheckReplicaId(request->replica_id());
+  if (!valid.ok()) return valid;
+  registry_->ApplyUsage(*request);
+  for (const v1::KeyOutcome& outcome : request->outcomes()) {
+    LogInfo("key_outcome", {{"replica", request->replica_id()},
+                            {"key_id", outcome.key_id()},
+                            {"kind", v1::OutcomeKind_Name(outcome.kind())},
+                            {"status", outcome.http_status()},
+                            {"model", outcome.model()}});
+  }
+  response->set_snapshot_version(registry_->version());
+  return grpc::Status::OK;
+}
+
+}  // namespace sflb

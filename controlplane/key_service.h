@@ -1,0 +1,42 @@
+// KeyServiceImpl: the gRPC KeyService (Watch, Lease, Report) that dataplanes call.
+// See controlplane/PROTOCOL.md for the design.
+#ifndef SFLB_CONTROLPLANE_KEY_SERVICE_H_
+#define SFLB_CONTROLPLANE_KEY_SERVICE_H_
+
+#include <atomic>
+
+#include "absl/time/time.h"
+#include "controlplane/key_registry.h"
+#include "sflb/v1/key_service.grpc.pb.h"
+
+namespace sflb {
+
+// Thread-safe. Handlers run on gRPC's sync server threads.
+class KeyServiceImpl final : public v1::KeyService::Service {
+ public:
+  // `registry` must outlive the service. `heartbeat` is the longest a Watch stream stays
+  // silent.
+  KeyServiceImpl(KeyRegistry* registry, absl::Duration heartbeat);
+
+  grpc::Status Watch(grpc::ServerContext* context, const v1::WatchRequest* request,
+                     grpc::ServerWriter<v1::WatchResponse>* writer) override;
+  grpc::Status Lease(grpc::ServerContext* context, const v1::LeaseRequest* request,
+                     v1::LeaseResponse* response) override;
+  grpc::Status Report(grpc::ServerContext* context, const v1::ReportRequest* request,
+                      v1::ReportResponse* response) override;
+
+  // Ends every open Watch stream within one wait slice (for shutdown).
+  void Shutdown() { shutting_down_.store(true); }
+  // Open Watch streams.
+  uint32_t watching_replicas() const { return watchers_.load(); }
+
+ private:
+  KeyRegistry* const registry_;
+  const absl::Duration heartbeat_;
+  std::atomic<bool> shutting_down_{false};
+  std::atomic<uint32_t> watchers_{0};
+};
+
+}  // namespace sflb
+
+#endif  // SFLB_CONTROLPLANE_KEY_SERVICE_H_
