@@ -42,7 +42,7 @@ bool ParseLogLevel(absl::string_view text, LogLevel* level) {
   return true;
 }
 
-void WriteLogLine(const nlohmann::json& object) {
+void WriteLogLine(const nlohmann::ordered_json& object) {
   std::string line = object.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   line.push_back('\n');
   const char* data = line.data();
@@ -58,7 +58,7 @@ void WriteLogLine(const nlohmann::json& object) {
 
 void LogEvent(LogLevel level, absl::string_view event, const nlohmann::json& fields) {
   if (static_cast<int>(level) < g_min_level.load(std::memory_order_relaxed)) return;
-  nlohmann::json line = nlohmann::json::object();
+  nlohmann::ordered_json line = nlohmann::ordered_json::object();
   line["ts"] = FormatIso8601(absl::Now());
   line["level"] = LevelName(level);
   line["component"] = *g_component;

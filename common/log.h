@@ -42,7 +42,7 @@ inline void LogError(absl::string_view event, const nlohmann::json& fields = nul
 }
 
 // Writes an already-built JSON object as one line (request logs build their own objects).
-void WriteLogLine(const nlohmann::json& object);
+void WriteLogLine(const nlohmann::ordered_json& object);
 
 }  // namespace sflb
 

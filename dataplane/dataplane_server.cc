@@ -1,0 +1,355 @@
+#include "dataplane/dataplane_server.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <memory>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "common/signals.h"
+#include "common/time_format.h"
+#include "common/version.h"
+#include "dataplane/client_auth.h"
+#include "dataplane/controlplane_link.h"
+#include "dataplane/elastic_thread_pool.h"
+#include "dataplane/error_response.h"
+#include "dataplane/forwarding.h"
+#include "dataplane/key_pool.h"
+#include "dataplane/proxy.h"
+#include "dataplane/report_buffer.h"
+#include "dataplane/request_record.h"
+#include "dataplane/upstream_client.h"
+#include "httplib.h"
+#include "nlohmann/json.hpp"
+
+namespace sflb {
+namespace {
+
+constexpr char kRequestIdHeader[] = "x-request-id";
+
+std::string DefaultReplicaId() {
+  char host[256] = {0};
+  if (gethostname(host, sizeof(host) - 1) != 0) host[0] = '\0';
+  return absl::StrCat(host[0] ? host : "dataplane", "-", getpid());
+}
+
+// Paths answered without authentication.
+bool IsPublicPath(absl::string_view path) {
+  return path == "/info" || path == "/livez" || path == "/readyz";
+}
+
+void SetJson(httplib::Response& res, const nlohmann::ordered_json& body, int status = 200) {
+  res.status = status;
+  res.set_content(body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace),
+                  "application/json");
+}
+
+// Everything the routes share. Owned by RunDataplane; outlives the server.
+struct Dataplane {
+  DataplaneOptions options;
+  std::unique_ptr<UpstreamClient> upstream;
+  KeyPool pool;
+  ReportBuffer reports;
+  std::unique_ptr<ControlplaneLink> link;
+  std::unique_ptr<Proxy> proxy;
+  std::unique_ptr<ClientAuth> auth;
+  std::atomic<bool> draining{false};
+  absl::Time started_at = absl::Now();
+
+  // "healthy" / "degraded" / "unhealthy" from what this replica can see.
+  std::string HealthStatus() const {
+    size_t eligible = pool.eligible_count();
+    if (!pool.has_snapshot() || eligible == 0) return "unhealthy";
+    if (!link->connected()) return "degraded";
+    return "healthy";
+  }
+};
+
+void InstallRoutes(httplib::Server& server, Dataplane* dp) {
+  // Auth runs before routing and before the body is read.
+  server.set_pre_routing_handler([dp](const httplib::Request& req, httplib::Response& res) {
+    res.set_header(kRequestIdHeader, NewRequestId());
+    // Never let httplib compress: upstream bodies pass through byte for byte, and compressing a
+    // stream would buffer it (see TOOLCHAIN.md). The request object is httplib's own mutable
+    // local; only the const view reaches handlers.
+    const_cast<httplib::Request&>(req).headers.erase("Accept-Encoding");
+    if (IsPublicPath(req.path)) return httplib::Server::HandlerResponse::Unhandled;
+    if (dp->auth->Check(req.get_header_value("Authorization")) != ClientRole::kNone) {
+      return httplib::Server::HandlerResponse::Unhandled;
+    }
+    LogWarning("auth_failed", {{"client_ip", req.remote_addr},
+                               {"method", req.method},
+                               {"path", req.path},
+                               {"reason", req.has_header("Authorization") ? "wrong key"
+                                                                          : "missing key"}});
+    SetOpenAiError(res, 401,
+                   "Invalid or missing API key. Send 'Authorization: Bearer <LB_API_KEY>'.",
+                   "invalid_request_error", "invalid_api_key");
+    // The request body (if any) was not read; do not reuse the connection.
+    res.set_header("Connection", "close");
+    return httplib::Server::HandlerResponse::Handled;
+  });
+
+  // Errors httplib produces itself (413, 400 on a malformed request, ...): OpenAI shape. Our own
+  // handlers always set a body, so only empty bodies are filled in.
+  server.set_error_handler(httplib::Server::HandlerWithResponse(
+      [dp](const httplib::Request& req, httplib::Response& res) {
+    if (!res.body.empty() || res.content_length_ > 0) {
+      return httplib::Server::HandlerResponse::Unhandled;
+    }
+    if (res.status == 413) {
+      SetOpenAiError(res, 413,
+                     absl::StrCat("request body exceeds the limit of ", dp->options.max_body_bytes,
+                                  " bytes"),
+                     "invalid_request_error", "request_too_large");
+    } else {
+      SetOpenAiError(res, res.status, absl::StrCat("request rejected by sflb (HTTP ", res.status, ")"),
+                     "invalid_request_error", "bad_request");
+    }
+    return httplib::Server::HandlerResponse::Handled;
+  }));
+  server.set_exception_handler(
+      [](const httplib::Request& req, httplib::Response& res, std::exception_ptr) {
+        LogError("handler_exception", {{"path", req.path}});
+        SetOpenAiError(res, 500, "internal error in sflb", "server_error", "internal_error");
+      });
+
+  server.Get("/info", [dp](const httplib::Request&, httplib::Response& res) {
+    nlohmann::ordered_json body;
+    body["name"] = "SiliconFlow API Load Balancer (sflb)";
+    body["version"] = kVersion;
+    body["status"] = "running";
+    body["authentication"] = "required";
+    body["endpoints"] = {
+        {"/", "Status and statistics (user key)"},
+        {"/info", "This description (no authentication)"},
+        {"/health", "Health of this replica and the key pool (user key)"},
+        {"/livez", "Liveness probe (no authentication)"},
+        {"/readyz", "Readiness probe (no authentication)"},
+        {"/v1/*", "SiliconFlow API, forwarded with a pooled key (user key)"}};
+    SetJson(res, body);
+  });
+  server.Get("/livez", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("ok\n", "text/plain");
+  });
+  server.Get("/readyz", [dp](const httplib::Request&, httplib::Response& res) {
+    bool ready = dp->pool.has_snapshot() && !dp->draining.load();
+    res.status = ready ? 200 : 503;
+    res.set_content(ready ? "ready\n" : "not ready\n", "text/plain");
+  });
+  server.Get("/health", [dp](const httplib::Request&, httplib::Response& res) {
+    nlohmann::ordered_json body;
+    std::string status = dp->HealthStatus();
+    body["status"] = status;
+    body["timestamp"] = FormatIso8601(absl::Now());
+    body["stats"] = {{"totalKeys", dp->pool.key_count()},
+                     {"activeKeys", dp->pool.eligible_count()},
+                     {"controlplaneConnected", dp->link->connected()},
+                     {"snapshotVersion", dp->pool.version()}};
+    SetJson(res, body, status == "unhealthy" ? 503 : 200);
+  });
+
+  // Everything else is the SiliconFlow API.
+  auto forward = [dp](const httplib::Request& req, httplib::Response& res, std::string body) {
+    auto record = std::make_shared<RequestRecord>();
+    record->enabled = dp->options.request_log;
+    record->request_id = res.get_header_value(kRequestIdHeader);
+    record->started = absl::Now();
+    record->client_ip = req.remote_addr;
+    record->method = req.method;
+    record->path = req.path;
+    record->request_bytes = body.size();
+    std::string path = StripVersionPrefix(SplitTarget(req.target).first);
+    dp->proxy->Forward(req, path, std::move(body), record, res);
+    record->status = res.status;
+  };
+  auto without_body = [forward](const httplib::Request& req, httplib::Response& res) {
+    forward(req, res, std::string());
+  };
+  auto with_body = [dp, forward](const httplib::Request& req, httplib::Response& res,
+                                 const httplib::ContentReader& reader) {
+    std::string body;
+    size_t limit = static_cast<size_t>(dp->options.max_body_bytes);
+    bool too_large = false;
+    bool complete = reader([&](const char* data, size_t length) {
+      if (body.size() + length > limit) {
+        too_large = true;
+        return false;
+      }
+      body.append(data, length);
+      return true;
+    });
+    if (too_large || res.status == 413) {
+      SetOpenAiError(res, 413,
+                     absl::StrCat("request body exceeds the limit of ", limit, " bytes"),
+                     "invalid_request_error", "request_too_large");
+      res.set_header("Connection", "close");
+      return;
+    }
+    if (!complete) {
+      SetOpenAiError(res, 400, "could not read the request body", "invalid_request_error",
+                     "bad_request_body");
+      res.set_header("Connection", "close");
+      return;
+    }
+    forward(req, res, std::move(body));
+  };
+  const char* kAll = R"(/.*)";
+  server.Get(kAll, without_body);
+  server.Options(kAll, without_body);
+  server.Post(kAll, with_body);
+  server.Put(kAll, with_body);
+  server.Patch(kAll, with_body);
+  server.Delete(kAll, with_body);
+}
+
+}  // namespace
+
+void RegisterDataplaneOptions(OptionParser* parser, DataplaneOptions* o) {
+  parser->AddString("host", "SFLB_HOST", &o->host, "HTTP listen address");
+  parser->AddInt("port", "PORT", &o->port, 0, 65535, "HTTP listen port (0 picks a free port)");
+  parser->AddSecret("lb-api-key", "LB_API_KEY", &o->api_key,
+                    "Key clients must send as 'Authorization: Bearer <key>' (required)");
+  parser->AddSecret("admin-key", "LB_ADMIN_KEY", &o->admin_key,
+                    "Admin key; also accepted wherever LB_API_KEY is (required, distinct)");
+  parser->AddString("base-url", "SILICONFLOW_BASE_URL", &o->base_url, "SiliconFlow API base URL");
+  parser->AddString("controlplane", "SFLB_CONTROLPLANE", &o->controlplane,
+                    "Controlplane gRPC address host:port");
+  parser->AddString("replica-id", "SFLB_REPLICA_ID", &o->replica_id,
+                    "Name of this replica in controlplane stats (default hostname-pid)");
+  parser->AddDuration("connect-timeout", "SFLB_CONNECT_TIMEOUT", &o->connect_timeout,
+                      "Upstream TCP+TLS connect timeout");
+  parser->AddDuration("first-byte-timeout", "SFLB_FIRST_BYTE_TIMEOUT", &o->first_byte_timeout,
+                      "Longest wait for the upstream's response head (a model may think long)");
+  parser->AddDuration("idle-timeout", "SFLB_IDLE_TIMEOUT", &o->idle_timeout,
+                      "Longest silence between upstream body bytes");
+  parser->AddString("upstream-ca-file", "SFLB_UPSTREAM_CA_FILE", &o->upstream_ca_file,
+                    "Extra CA bundle (PEM) trusted for the upstream, besides the system store");
+  parser->AddInt("max-attempts", "SFLB_MAX_ATTEMPTS", &o->max_attempts, 1, 20,
+                 "Upstream attempts per request, each with a different key");
+  parser->AddInt("max-body-bytes", "SFLB_MAX_BODY_BYTES", &o->max_body_bytes, 1024,
+                 int64_t{1} << 32, "Largest request body accepted (413 beyond)");
+  parser->AddInt("max-connections", "SFLB_MAX_CONNECTIONS", &o->max_connections, 16, 1000000,
+                 "Most client connections served at once (one thread each)");
+  parser->AddDuration("client-read-timeout", "SFLB_CLIENT_READ_TIMEOUT", &o->client_read_timeout,
+                      "Timeout reading a request from a client");
+  parser->AddDuration("client-write-timeout", "SFLB_CLIENT_WRITE_TIMEOUT",
+                      &o->client_write_timeout, "Timeout writing to a client");
+  parser->AddDuration("keep-alive-timeout", "SFLB_KEEP_ALIVE_TIMEOUT", &o->keep_alive_timeout,
+                      "How long an idle client connection is kept open");
+  parser->AddDuration("drain-grace", "SFLB_DRAIN_GRACE", &o->drain_grace,
+                      "On SIGTERM, keep accepting this long (readyz fails) before closing");
+  parser->AddString("log-level", "SFLB_LOG_LEVEL", &o->log_level,
+                    "Log level: debug, info, warning, error");
+  parser->AddBool("request-log", "SFLB_REQUEST_LOG", &o->request_log,
+                  "Write one JSON log line per request");
+}
+
+absl::Status ValidateDataplaneOptions(const DataplaneOptions& o) {
+  if (o.api_key.empty()) {
+    return absl::InvalidArgumentError(
+        "LB_API_KEY is required: the key clients send as 'Authorization: Bearer <key>'");
+  }
+  if (o.admin_key.empty()) {
+    return absl::InvalidArgumentError("LB_ADMIN_KEY is required: the key for admin endpoints");
+  }
+  if (o.api_key == o.admin_key) {
+    return absl::InvalidArgumentError(
+        "LB_API_KEY and LB_ADMIN_KEY must differ: a user key must not grant admin rights");
+  }
+  absl::StatusOr<UpstreamEndpoint> endpoint = ParseBaseUrl(o.base_url);
+  if (!endpoint.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SILICONFLOW_BASE_URL: ", endpoint.status().message()));
+  }
+  if (o.controlplane.empty()) return absl::InvalidArgumentError("SFLB_CONTROLPLANE is empty");
+  LogLevel level;
+  if (!ParseLogLevel(o.log_level, &level)) {
+    return absl::InvalidArgumentError(absl::StrCat("SFLB_LOG_LEVEL: unknown level '", o.log_level, "'"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RunDataplane(const DataplaneOptions& options) {
+  auto dp = std::make_unique<Dataplane>();
+  dp->options = options;
+  if (dp->options.replica_id.empty()) dp->options.replica_id = DefaultReplicaId();
+
+  absl::StatusOr<UpstreamEndpoint> endpoint = ParseBaseUrl(options.base_url);
+  if (!endpoint.ok()) return endpoint.status();
+  UpstreamClientOptions upstream_options;
+  upstream_options.connect_timeout = options.connect_timeout;
+  upstream_options.first_byte_timeout = options.first_byte_timeout;
+  upstream_options.idle_timeout = options.idle_timeout;
+  upstream_options.ca_file = options.upstream_ca_file;
+  dp->upstream = std::make_unique<UpstreamClient>(*endpoint, upstream_options);
+  if (absl::Status init = dp->upstream->init_status(); !init.ok()) return init;
+
+  ControlplaneLink::Options link_options;
+  link_options.address = options.controlplane;
+  link_options.replica_id = dp->options.replica_id;
+  dp->link = std::make_unique<ControlplaneLink>(link_options, &dp->pool, &dp->reports);
+  ProxyOptions proxy_options;
+  proxy_options.max_attempts = static_cast<int>(options.max_attempts);
+  dp->proxy = std::make_unique<Proxy>(proxy_options, dp->upstream.get(), &dp->pool, &dp->reports);
+  dp->auth = std::make_unique<ClientAuth>(options.api_key, options.admin_key);
+
+  httplib::Server server;
+  size_t max_connections = static_cast<size_t>(options.max_connections);
+  server.new_task_queue = [max_connections] {
+    return new ElasticThreadPool(max_connections, /*min_idle=*/8, absl::Seconds(30));
+  };
+  auto to_parts = [](absl::Duration d, time_t* sec, time_t* usec) {
+    int64_t us = absl::ToInt64Microseconds(d);
+    *sec = static_cast<time_t>(us / 1000000);
+    *usec = static_cast<time_t>(us % 1000000);
+  };
+  time_t sec, usec;
+  to_parts(options.client_read_timeout, &sec, &usec);
+  server.set_read_timeout(sec, usec);
+  to_parts(options.client_write_timeout, &sec, &usec);
+  server.set_write_timeout(sec, usec);
+  server.set_keep_alive_timeout(
+      static_cast<time_t>(absl::ToInt64Seconds(options.keep_alive_timeout)));
+  server.set_keep_alive_max_count(100000);
+  server.set_payload_max_length(static_cast<size_t>(options.max_body_bytes));
+  server.set_tcp_nodelay(true);
+  InstallRoutes(server, dp.get());
+
+  int port = options.port == 0 ? server.bind_to_any_port(options.host)
+                               : (server.bind_to_port(options.host, static_cast<int>(options.port))
+                                      ? static_cast<int>(options.port)
+                                      : -1);
+  if (port <= 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.host, ":",
+                                               options.port, " (address in use?)"));
+  }
+  dp->link->Start();
+  LogInfo("listening", {{"address", absl::StrCat(options.host, ":", port)},
+                        {"port", port},
+                        {"upstream", endpoint->Origin() + endpoint->base_path},
+                        {"controlplane", options.controlplane},
+                        {"replica", dp->options.replica_id},
+                        {"version", kVersion}});
+  std::thread listener([&server] { server.listen_after_bind(); });
+
+  for (;;) {
+    int sig = WaitForSignal(absl::Seconds(1));
+    if (sig == SIGTERM || sig == SIGINT) {
+      LogInfo("draining", {{"signal", sig}, {"grace_ms", absl::ToInt64Milliseconds(options.drain_grace)}});
+      break;
+    }
+  }
+  dp->draining.store(true);
+  if (options.drain_grace > absl::ZeroDuration()) absl::SleepFor(options.drain_grace);
+  server.stop();  // closes the listener; the task queue's shutdown waits for in-flight requests
+  listener.join();
+  dp->link->Stop();
+  LogInfo("stopped");
+  return absl::OkStatus();
+}
+
+}  // namespace sflb

@@ -1,0 +1,376 @@
+#include "dataplane/proxy.h"
+
+#include <algorithm>
+#include <memory>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "common/log.h"
+#include "common/time_format.h"
+#include "dataplane/error_response.h"
+#include "dataplane/forwarding.h"
+#include "nlohmann/json.hpp"
+
+namespace sflb {
+namespace {
+
+// Upstream answers that say "this key (or its account) cannot serve this now": worth another key.
+bool IsKeyFailure(int status) {
+  return status == 429 || status == 401 || status == 403 || status == 502 || status == 503 ||
+         status == 504;
+}
+
+v1::OutcomeKind OutcomeFor(int status) {
+  switch (status) {
+    case 429: return v1::OUTCOME_KIND_RATE_LIMITED;
+    case 401: return v1::OUTCOME_KIND_UNAUTHORIZED;
+    case 403: return v1::OUTCOME_KIND_FORBIDDEN;
+    default: return v1::OUTCOME_KIND_UPSTREAM_ERROR;
+  }
+}
+
+// The upstream error message from a JSON error body ({"message": ...} or OpenAI's
+// {"error": {"message": ...}}), truncated; "" if none.
+std::string ErrorMessageOf(absl::string_view body) {
+  nlohmann::json parsed = nlohmann::json::parse(body.begin(), body.end(), nullptr, false);
+  std::string message;
+  if (parsed.is_object()) {
+    auto it = parsed.find("message");
+    if (it != parsed.end() && it->is_string()) message = it->get<std::string>();
+    auto err = parsed.find("error");
+    if (message.empty() && err != parsed.end() && err->is_object()) {
+      auto m = err->find("message");
+      if (m != err->end() && m->is_string()) message = m->get<std::string>();
+    }
+  }
+  if (message.size() > 512) message.resize(512);
+  return message;
+}
+
+// Reads a whole body of at most `limit` bytes. OUT_OF_RANGE when larger.
+absl::Status ReadAll(UpstreamExchange* exchange, size_t limit, std::string* out) {
+  for (;;) {
+    absl::StatusOr<absl::string_view> piece = exchange->ReadSome();
+    if (!piece.ok()) return piece.status();
+    if (piece->empty()) return absl::OkStatus();
+    if (out->size() + piece->size() > limit) return absl::OutOfRangeError("body too large");
+    out->append(piece->data(), piece->size());
+  }
+}
+
+// Tokens from a response's top-level usage object, if any.
+bool ReadUsage(const nlohmann::json& object, uint64_t* prompt, uint64_t* completion) {
+  if (!object.is_object()) return false;
+  auto usage = object.find("usage");
+  if (usage == object.end() || !usage->is_object()) return false;
+  *prompt = usage->value("prompt_tokens", uint64_t{0});
+  *completion = usage->value("completion_tokens", uint64_t{0});
+  return true;
+}
+
+// Per-stream state shared by the content provider and its releaser.
+struct StreamState {
+  std::unique_ptr<UpstreamExchange> exchange;
+  std::shared_ptr<const PoolKey> key;
+  ReportBuffer* reports = nullptr;
+  std::shared_ptr<RequestRecord> record;
+  bool sse = false;
+  // SSE bookkeeping: whether the bytes forwarded so far end at an event boundary, and the
+  // current partial line (to find usage objects).
+  std::string tail;  // last bytes forwarded (at most 4)
+  std::string line;
+  bool have_usage = false;
+  uint64_t prompt_tokens = 0;
+  uint64_t completion_tokens = 0;
+  uint64_t bytes = 0;
+  absl::Time started;
+
+  // Scans forwarded SSE bytes for "data: {...usage...}" lines; the last usage seen wins.
+  void ScanSse(absl::string_view data) {
+    for (char c : data) {
+      if (c == '\n') {
+        absl::string_view l = line;
+        if (absl::ConsumePrefix(&l, "data:") && absl::StrContains(l, "\"usage\"")) {
+          nlohmann::json parsed = nlohmann::json::parse(l.begin(), l.end(), nullptr, false);
+          uint64_t p = 0, c2 = 0;
+          if (ReadUsage(parsed, &p, &c2)) {
+            have_usage = true;
+            prompt_tokens = p;
+            completion_tokens = c2;
+          }
+        }
+        line.clear();
+      } else if (line.size() < 1024 * 1024) {
+        line.push_back(c);
+      }
+    }
+    tail.append(data.data() + (data.size() > 4 ? data.size() - 4 : 0), std::min<size_t>(4, data.size()));
+    if (tail.size() > 4) tail.erase(0, tail.size() - 4);
+  }
+  // True when the bytes forwarded so far end between two events.
+  bool AtEventBoundary() const {
+    return tail.empty() || absl::EndsWith(tail, "\n\n") || absl::EndsWith(tail, "\r\n\r\n");
+  }
+};
+
+}  // namespace
+
+Proxy::Proxy(ProxyOptions options, UpstreamClient* client, KeyPool* pool, ReportBuffer* reports)
+    : options_(options), client_(client), pool_(pool), reports_(reports) {}
+
+void Proxy::Forward(const httplib::Request& req, const std::string& path, std::string body,
+                    const std::shared_ptr<RequestRecord>& record, httplib::Response& res) {
+  RequestRecord& result = *record;
+  const std::string& request_id = record->request_id;
+  BodySummary summary = SummarizeBody(body);
+  result.model = summary.model;
+  result.stream = summary.stream;
+
+  UpstreamRequest upstream;
+  upstream.method = req.method;
+  upstream.target = UpstreamTarget(client_->endpoint().base_path, path,
+                                   SplitTarget(req.target).second);
+  std::string connection = req.get_header_value("Connection");
+  for (const auto& [name, value] : req.headers) {
+    if (!IsRequestHeaderDropped(name, connection)) upstream.headers.push_back({name, value});
+  }
+  upstream.headers.push_back({"Authorization", ""});
+  const size_t auth_index = upstream.headers.size() - 1;
+  upstream.body = body;
+
+  auto cancel = std::make_shared<CancelToken>();
+  std::vector<uint64_t> tried;
+  // The last upstream answer that was not committed, returned as-is if no attempt succeeds.
+  struct Held {
+    ResponseHead head;
+    std::string body;
+  };
+  std::unique_ptr<Held> held;
+  absl::Status last_transport_error;
+  PickFailure pick_failure = PickFailure::kNone;
+
+  for (int attempt = 1; attempt <= options_.max_attempts; ++attempt) {
+    PickResult pick = pool_->Pick(tried);
+    if (pick.key == nullptr) {
+      pick_failure = pick.failure;
+      break;
+    }
+    std::shared_ptr<const PoolKey> key = std::move(pick.key);
+    tried.push_back(key->id);
+    result.attempts = attempt;
+    result.key_fingerprints.push_back(key->fingerprint);
+    upstream.headers[auth_index].value = absl::StrCat("Bearer ", key->secret);
+    absl::Time now = absl::Now();
+    reports_->RecordRequest(key->id, now);
+
+    absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent = client_->Send(upstream, nullptr, cancel);
+    if (!sent.ok()) {
+      last_transport_error = sent.status();
+      v1::KeyOutcome outcome;
+      outcome.set_key_id(key->id);
+      outcome.set_kind(v1::OUTCOME_KIND_TRANSPORT_ERROR);
+      outcome.set_model(summary.model);
+      outcome.set_message(std::string(sent.status().message()).substr(0, 512));
+      *outcome.mutable_observed_at() = ToProtoTime(now);
+      reports_->RecordOutcome(std::move(outcome));
+      LogWarning("upstream_transport_error", {{"request_id", request_id},
+                                              {"key", key->fingerprint},
+                                              {"attempt", attempt},
+                                              {"error", std::string(sent.status().message())}});
+      // A request sflb could not even send is safe to try on another key; a timeout after
+      // sending may have reached the model, but no byte reached the client either way.
+      continue;
+    }
+    std::unique_ptr<UpstreamExchange> exchange = std::move(*sent);
+    const ResponseHead& head = exchange->head();
+    if (const std::string* trace = head.Find("x-siliconcloud-trace-id")) {
+      result.upstream_trace_id = *trace;
+    }
+    if (IsKeyFailure(head.status)) {
+      auto failed = std::make_unique<Held>();
+      failed->head = head;
+      absl::Status read = ReadAll(exchange.get(), 64 * 1024, &failed->body);
+      v1::KeyOutcome outcome;
+      outcome.set_key_id(key->id);
+      outcome.set_kind(OutcomeFor(head.status));
+      outcome.set_http_status(head.status);
+      outcome.set_model(summary.model);
+      outcome.set_message(ErrorMessageOf(failed->body));
+      *outcome.mutable_observed_at() = ToProtoTime(now);
+      reports_->RecordOutcome(std::move(outcome));
+      LogWarning("upstream_key_failure", {{"request_id", request_id},
+                                          {"key", key->fingerprint},
+                                          {"attempt", attempt},
+                                          {"status", head.status}});
+      if (read.ok()) {
+        held = std::move(failed);
+        continue;
+      }
+      last_transport_error = read;
+      continue;
+    }
+
+    // Commit: this response goes to the client.
+    result.time_to_first_byte = absl::Now() - result.started;
+    res.status = head.status;
+    result.status = head.status;
+    std::string content_type;
+    std::string resp_connection;
+    if (const std::string* c = head.Find("Connection")) resp_connection = *c;
+    for (const HttpHeader& h : head.headers) {
+      if (IsResponseHeaderDropped(h.name, resp_connection)) continue;
+      if (absl::EqualsIgnoreCase(h.name, "content-type")) {
+        content_type = h.value;
+        continue;
+      }
+      res.headers.emplace(h.name, h.value);
+    }
+    if (head.framing == BodyFraming::kNone || req.method == "HEAD") {
+      if (!content_type.empty()) res.set_header("Content-Type", content_type);
+      return;
+    }
+    if (head.framing == BodyFraming::kContentLength &&
+        static_cast<size_t>(head.content_length) <= options_.buffer_limit) {
+      std::string whole;
+      absl::Status read = ReadAll(exchange.get(), options_.buffer_limit, &whole);
+      if (!read.ok()) {
+        res.headers.clear();
+        SetOpenAiError(res, 502, absl::StrCat("upstream response broke off: ", read.message()),
+                       "upstream_error", "upstream_broken_response");
+        result.status = 502;
+        result.error_code = "upstream_broken_response";
+        return;
+      }
+      nlohmann::json parsed = nlohmann::json::parse(whole, nullptr, false);
+      uint64_t prompt = 0, completion = 0;
+      if (ReadUsage(parsed, &prompt, &completion)) {
+        reports_->RecordTokens(key->id, prompt, completion);
+        result.have_usage = true;
+        result.prompt_tokens = prompt;
+        result.completion_tokens = completion;
+      }
+      result.response_bytes = whole.size();
+      res.body = std::move(whole);
+      if (!content_type.empty()) res.set_header("Content-Type", content_type);
+      return;
+    }
+
+    auto state = std::make_shared<StreamState>();
+    state->exchange = std::move(exchange);
+    state->key = key;
+    state->reports = reports_;
+    state->record = record;
+    state->sse = absl::StartsWithIgnoreCase(content_type, "text/event-stream");
+    state->started = absl::Now();
+    auto provider = [state](size_t /*offset*/, httplib::DataSink& sink) -> bool {
+      absl::StatusOr<absl::string_view> piece =
+          state->exchange->ReadSome([&sink] { return !sink.is_writable(); });
+      if (!piece.ok()) {
+        if (piece.status().code() == absl::StatusCode::kCancelled) {
+          state->record->stream_end = "client_disconnected";
+          return false;
+        }
+        state->record->stream_end = "upstream_broken";
+        LogWarning("upstream_stream_broken", {{"request_id", state->record->request_id},
+                                              {"key", state->key->fingerprint},
+                                              {"bytes", state->bytes},
+                                              {"error", std::string(piece.status().message())}});
+        if (state->sse) {
+          // End the stream with a well-formed error event instead of a silent cut.
+          std::string event = state->AtEventBoundary() ? "" : "\n\n";
+          event += SseErrorEvent(absl::StrCat("upstream stream interrupted: ",
+                                              piece.status().message()),
+                                 "upstream_error", "stream_interrupted");
+          sink.write(event.data(), event.size());
+          sink.done();
+          return true;
+        }
+        return false;  // no way to signal an error inside a plain body: cut it
+      }
+      if (piece->empty()) {
+        sink.done();
+        return true;
+      }
+      if (state->sse) state->ScanSse(*piece);
+      state->bytes += piece->size();
+      if (!sink.write(piece->data(), piece->size())) {
+        state->record->stream_end = "client_disconnected";
+        return false;
+      }
+      return true;
+    };
+    auto releaser = [state](bool /*success*/) {
+      state->record->response_bytes = state->bytes;
+      if (state->have_usage) {
+        state->record->have_usage = true;
+        state->record->prompt_tokens = state->prompt_tokens;
+        state->record->completion_tokens = state->completion_tokens;
+        state->reports->RecordTokens(state->key->id, state->prompt_tokens,
+                                     state->completion_tokens);
+      }
+      state->exchange.reset();  // back to the pool if the body was complete
+      state->record.reset();    // writes the request log line if nobody else holds it
+    };
+    if (head.framing == BodyFraming::kContentLength) {
+      auto sized = [provider](size_t offset, size_t /*length*/, httplib::DataSink& sink) {
+        return provider(offset, sink);
+      };
+      res.set_content_provider(static_cast<size_t>(head.content_length), content_type,
+                               std::move(sized), std::move(releaser));
+    } else {
+      res.set_chunked_content_provider(content_type, std::move(provider), std::move(releaser));
+    }
+    return;
+  }
+
+  // No attempt was committed.
+  if (held != nullptr) {
+    // Every key failed: hand the client the upstream's own last answer.
+    res.status = held->head.status;
+    result.status = held->head.status;
+    std::string resp_connection;
+    if (const std::string* c = held->head.Find("Connection")) resp_connection = *c;
+    for (const HttpHeader& h : held->head.headers) {
+      if (!IsResponseHeaderDropped(h.name, resp_connection)) res.headers.emplace(h.name, h.value);
+    }
+    result.response_bytes = held->body.size();
+    res.body = std::move(held->body);
+    return;
+  }
+  if (!last_transport_error.ok()) {
+    bool timeout = last_transport_error.code() == absl::StatusCode::kDeadlineExceeded;
+    int status = timeout ? 504 : 502;
+    result.error_code = timeout ? "upstream_timeout" : "upstream_unavailable";
+    SetOpenAiError(res, status,
+                   absl::StrCat("SiliconFlow could not be reached after ", result.attempts,
+                                " attempt(s): ", last_transport_error.message()),
+                   "upstream_error", result.error_code);
+    result.status = status;
+    return;
+  }
+  switch (pick_failure) {
+    case PickFailure::kNoSnapshot:
+      result.error_code = "no_key_set";
+      SetOpenAiError(res, 503,
+                     "sflb has not received its key set from the controlplane yet; retry shortly",
+                     "service_unavailable", result.error_code);
+      break;
+    case PickFailure::kNoKeys:
+      result.error_code = "no_keys_configured";
+      SetOpenAiError(res, 503, "no SiliconFlow API keys are configured in sflb",
+                     "service_unavailable", result.error_code);
+      break;
+    default:
+      result.error_code = "no_usable_key";
+      SetOpenAiError(res, 503, "no SiliconFlow API key is usable right now",
+                     "service_unavailable", result.error_code);
+      break;
+  }
+  res.set_header("Retry-After", "5");
+  result.status = 503;
+  return;
+}
+
+}  // namespace sflb

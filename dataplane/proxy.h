@@ -1,0 +1,52 @@
+// Proxy: forwards one authenticated client request to SiliconFlow with a key from the KeyPool,
+// retrying on another key while nothing has reached the client yet, and streams the response
+// back as it arrives.
+//
+// Thread-safe: one Proxy serves all request threads; per-request state lives on the stack and
+// in the response's content provider.
+#ifndef SFLB_DATAPLANE_PROXY_H_
+#define SFLB_DATAPLANE_PROXY_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/time/time.h"
+#include "dataplane/key_pool.h"
+#include "dataplane/report_buffer.h"
+#include "dataplane/request_record.h"
+#include "dataplane/upstream_client.h"
+#include "httplib.h"
+
+namespace sflb {
+
+struct ProxyOptions {
+  // Upstream attempts per client request, each on a different key.
+  int max_attempts = 3;
+  // Responses with a Content-Length up to this size are read whole before answering (one
+  // write to the client, usage read from the body); larger ones and chunked ones stream.
+  size_t buffer_limit = 256 * 1024;
+};
+
+class Proxy {
+ public:
+  // All pointers must outlive the proxy.
+  Proxy(ProxyOptions options, UpstreamClient* client, KeyPool* pool, ReportBuffer* reports);
+
+  // Forwards `req` (whose body was read into `body`) to `path` (the client path with any /v1
+  // prefix removed) and fills `res`: status and headers always; the body either directly or
+  // as a content provider that httplib drives after this returns. Fills `record`; a streamed
+  // response keeps it until the stream ends.
+  void Forward(const httplib::Request& req, const std::string& path, std::string body,
+               const std::shared_ptr<RequestRecord>& record, httplib::Response& res);
+
+ private:
+  const ProxyOptions options_;
+  UpstreamClient* const client_;
+  KeyPool* const pool_;
+  ReportBuffer* const reports_;
+};
+
+}  // namespace sflb
+
+#endif  // SFLB_DATAPLANE_PROXY_H_
