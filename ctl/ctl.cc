@@ -1,0 +1,898 @@
+#include "ctl/ctl.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "absl/types/optional.h"
+#include "common/grpc_util.h"
+#include "common/time_format.h"
+#include "common/version.h"
+#include "google/protobuf/struct.pb.h"
+#include "google/protobuf/util/json_util.h"
+#include "grpcpp/grpcpp.h"
+#include "sflb/v1/admin_service.grpc.pb.h"
+
+namespace sflb {
+
+// ---------------------------------------------------------------------------------------------
+// Formatting helpers (declared in ctl.h).
+
+namespace {
+
+// Code points, not bytes: key masks contain "…" (3 bytes, one column). Good enough for the
+// ASCII-plus-punctuation text sflbctl prints; East Asian wide characters would count as one.
+size_t DisplayWidth(absl::string_view text) {
+  size_t width = 0;
+  for (char c : text) {
+    if ((static_cast<unsigned char>(c) & 0xC0) != 0x80) ++width;
+  }
+  return width;
+}
+
+// One unit, for "3s ago"-style ages: precise enough to read at a glance.
+std::string CoarseDuration(absl::Duration d) {
+  int64_t s = absl::ToInt64Seconds(d);
+  if (s < 60) return absl::StrCat(s, "s");
+  if (s < 3600) return absl::StrCat(s / 60, "m");
+  if (s < 48 * 3600) return absl::StrCat(s / 3600, "h");
+  return absl::StrCat(s / 86400, "d");
+}
+
+}  // namespace
+
+std::string FormatTimeAgo(absl::Time when, absl::Time now) {
+  if (when == absl::InfinitePast()) return "never";
+  absl::Duration age = now - when;
+  if (age < absl::ZeroDuration()) {
+    // Clocks of the controlplane and this machine may disagree by a little.
+    if (-age < absl::Seconds(1)) return "just now";
+    return absl::StrCat("in ", CoarseDuration(-age));
+  }
+  if (age < absl::Seconds(1)) return "just now";
+  return absl::StrCat(CoarseDuration(age), " ago");
+}
+
+std::string FormatShortDuration(absl::Duration d) {
+  int64_t s = std::max<int64_t>(0, absl::ToInt64Seconds(d));
+  if (s < 60) return absl::StrCat(s, "s");
+  if (s < 3600) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
+  if (s < 86400) return absl::StrFormat("%dh%02dm", s / 3600, s % 3600 / 60);
+  return absl::StrFormat("%dd%02dh", s / 86400, s % 86400 / 3600);
+}
+
+TextTable::TextTable(std::vector<Column> columns) : columns_(std::move(columns)) {}
+
+void TextTable::AddRow(std::vector<std::string> cells) { rows_.push_back(std::move(cells)); }
+
+void TextTable::SetTotals(std::vector<std::string> cells) {
+  totals_ = std::move(cells);
+  has_totals_ = true;
+}
+
+void TextTable::Print(std::ostream& out, absl::string_view indent) const {
+  const size_t n = columns_.size();
+  const bool has_header = std::any_of(columns_.begin(), columns_.end(),
+                                      [](const Column& c) { return !c.header.empty(); });
+  std::vector<size_t> widths(n, 0);
+  auto measure = [&](const std::vector<std::string>& cells) {
+    for (size_t i = 0; i < n && i < cells.size(); ++i) {
+      widths[i] = std::max(widths[i], DisplayWidth(cells[i]));
+    }
+  };
+  if (has_header) {
+    for (size_t i = 0; i < n; ++i) widths[i] = DisplayWidth(columns_[i].header);
+  }
+  for (const auto& row : rows_) measure(row);
+  if (has_totals_) measure(totals_);
+
+  auto print_line = [&](const std::vector<std::string>& cells) {
+    std::string line(indent);
+    for (size_t i = 0; i < n; ++i) {
+      const std::string empty;
+      const std::string& cell = i < cells.size() ? cells[i] : empty;
+      std::string pad(widths[i] - DisplayWidth(cell), ' ');
+      if (i > 0) line += "  ";
+      if (columns_[i].align == Align::kRight) {
+        absl::StrAppend(&line, pad, cell);
+      } else {
+        absl::StrAppend(&line, cell, pad);
+      }
+    }
+    out << absl::StripTrailingAsciiWhitespace(line) << "\n";
+  };
+
+  if (has_header) {
+    std::vector<std::string> headers;
+    for (const Column& c : columns_) headers.push_back(c.header);
+    print_line(headers);
+  }
+  for (const auto& row : rows_) print_line(row);
+  if (has_totals_) {
+    std::vector<std::string> rule;
+    for (size_t w : widths) rule.push_back(std::string(w, '-'));
+    print_line(rule);
+    print_line(totals_);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CLI.
+
+namespace {
+
+constexpr char kProgram[] = "sflbctl";
+constexpr char kDefaultServer[] = "127.0.0.1:50051";
+constexpr char kServerEnv[] = "SFLB_CONTROLPLANE";
+constexpr char kAdminKeyEnv[] = "LB_ADMIN_KEY";
+constexpr absl::Duration kDefaultTimeout = absl::Seconds(10);
+// max_args value for commands that take any number of arguments.
+constexpr size_t kAnyNumber = static_cast<size_t>(-1);
+
+// A --flag that a command (or every command) accepts.
+struct FlagSpec {
+  // Without dashes: "server".
+  std::string name;
+  // Placeholder shown in help ("ADDR"); empty for a switch that takes no value.
+  std::string value_name;
+  std::string help;
+};
+
+// Accepted by every command, anywhere on the line.
+const std::vector<FlagSpec>& GlobalFlags() {
+  static const auto* flags = new std::vector<FlagSpec>{
+      {"server", "ADDR",
+       absl::StrCat("controlplane address host:port (env ", kServerEnv, ", default ",
+                    kDefaultServer, ")")},
+      {"admin-key-file", "PATH",
+       absl::StrCat("read the admin key from PATH (default: env ", kAdminKeyEnv,
+                    "); the key itself is never a flag")},
+      {"json", "", "print the response as one JSON object, for scripts"},
+      {"timeout", "DURATION",
+       absl::StrCat("deadline of each call, e.g. 10s or 500ms (default ",
+                    absl::FormatDuration(kDefaultTimeout), ")")},
+      {"help", "", "show help (also -h)"},
+  };
+  return *flags;
+}
+
+class Session;
+
+// One entry of the command table.
+struct Command {
+  // One or more words: "stats", or "keys show" for a subcommand (the longest match wins).
+  std::string name;
+  // What follows the name in the usage line: "[--state STATE]".
+  std::string usage;
+  // One line for the command list; the first line of `sflbctl help <command>`.
+  std::string summary;
+  // Extra help text after the summary; may be empty.
+  std::string details;
+  std::vector<FlagSpec> flags;
+  // Positional arguments after the name.
+  size_t min_args = 0;
+  size_t max_args = 0;
+  // Returns a CtlExitCode. Called only with a valid number of arguments and known flags.
+  int (*handler)(Session& session);
+};
+
+const std::vector<Command>& Commands();
+
+// What the command line asked for.
+struct Invocation {
+  std::string server = kDefaultServer;
+  bool json = false;
+  absl::Duration timeout = kDefaultTimeout;
+  bool help = false;
+  // From --admin-key-file; empty means LB_ADMIN_KEY.
+  std::string admin_key_file;
+  // Null when no command was named.
+  const Command* command = nullptr;
+  // Positional arguments after the command's name.
+  std::vector<std::string> args;
+  // The command's own flags by name; a switch maps to "true". The last occurrence wins.
+  std::map<std::string, std::string> flags;
+};
+
+std::string FlagSynopsis(const FlagSpec& flag) {
+  return flag.value_name.empty() ? absl::StrCat("--", flag.name)
+                                 : absl::StrCat("--", flag.name, " ", flag.value_name);
+}
+
+void PrintFlagList(const std::vector<FlagSpec>& flags, std::ostream& out) {
+  TextTable table({{""}, {""}});
+  for (const FlagSpec& flag : flags) table.AddRow({FlagSynopsis(flag), flag.help});
+  table.Print(out, "  ");
+}
+
+std::string GeneralUsage() {
+  std::ostringstream out;
+  out << "Usage: " << kProgram << " <command> [args] [--flags]\n\n"
+      << "Operator CLI for sflb-controlplane (" << kProductName << " " << kVersion << ").\n\n"
+      << "Commands:\n";
+  TextTable commands({{""}, {""}});
+  for (const Command& c : Commands()) commands.AddRow({c.name, c.summary});
+  commands.Print(out, "  ");
+  out << "\nGlobal flags (anywhere on the line):\n";
+  PrintFlagList(GlobalFlags(), out);
+  out << "\nThe admin key comes from " << kAdminKeyEnv
+      << " or --admin-key-file, never from the command line.\n"
+      << "Run '" << kProgram << " help <command>' for a command's flags.\n\n"
+      << "Exit codes: 0 ok, 1 operation failed, 2 usage error, 3 controlplane unreachable,\n"
+      << "            4 admin key rejected, 5 admin key missing.\n";
+  return out.str();
+}
+
+std::string CommandUsage(const Command& command) {
+  std::ostringstream out;
+  out << "Usage: " << kProgram << " " << command.name;
+  if (!command.usage.empty()) out << " " << command.usage;
+  out << "\n\n" << command.summary << ".\n";
+  if (!command.details.empty()) out << "\n" << command.details;
+  if (!command.flags.empty()) {
+    out << "\nFlags:\n";
+    PrintFlagList(command.flags, out);
+  }
+  std::vector<std::string> globals;
+  for (const FlagSpec& flag : GlobalFlags()) globals.push_back(FlagSynopsis(flag));
+  out << "\nGlobal flags: " << absl::StrJoin(globals, ", ") << " (see '" << kProgram
+      << " help').\n";
+  return out.str();
+}
+
+// A usage error: the message, and the command whose usage to print (null: the general one).
+struct UsageError {
+  std::string message;
+  const Command* command = nullptr;
+};
+
+// Flag values are parsed here; anything else a user can get wrong is checked by the handler.
+absl::optional<UsageError> ApplyGlobalFlag(absl::string_view name,
+                                           const absl::optional<std::string>& value,
+                                           Invocation* inv) {
+  auto parse_switch = [&](bool* target) -> absl::optional<UsageError> {
+    if (!value.has_value()) {
+      *target = true;
+      return absl::nullopt;
+    }
+    std::string v = absl::AsciiStrToLower(*value);
+    if (v == "true" || v == "1" || v == "yes") {
+      *target = true;
+    } else if (v == "false" || v == "0" || v == "no") {
+      *target = false;
+    } else {
+      return UsageError{absl::StrCat("--", name, " takes no value (got '", *value, "')")};
+    }
+    return absl::nullopt;
+  };
+  if (name == "json") return parse_switch(&inv->json);
+  if (name == "help") return parse_switch(&inv->help);
+  // The rest take a value, already fetched by the caller.
+  if (name == "server") {
+    if (value->empty()) return UsageError{"--server needs an address like host:port"};
+    inv->server = *value;
+  } else if (name == "admin-key-file") {
+    if (value->empty()) return UsageError{"--admin-key-file needs a path"};
+    inv->admin_key_file = *value;
+  } else if (name == "timeout") {
+    absl::optional<absl::Duration> d = ParseDurationSetting(*value);
+    if (!d.has_value() || *d <= absl::ZeroDuration()) {
+      return UsageError{absl::StrCat("--timeout: expected a positive duration like 10s or 500ms, "
+                                     "got '", *value, "'")};
+    }
+    inv->timeout = *d;
+  }
+  return absl::nullopt;
+}
+
+const FlagSpec* FindFlag(const std::vector<FlagSpec>& flags, absl::string_view name) {
+  for (const FlagSpec& flag : flags) {
+    if (flag.name == name) return &flag;
+  }
+  return nullptr;
+}
+
+// The command whose name is the longest prefix of `words`; sets `*consumed` to its word count.
+const Command* FindCommand(const std::vector<std::string>& words, size_t* consumed) {
+  const Command* best = nullptr;
+  size_t best_words = 0;
+  for (const Command& c : Commands()) {
+    std::vector<std::string> name = absl::StrSplit(c.name, ' ');
+    if (name.size() > words.size() || name.size() <= best_words) continue;
+    if (std::equal(name.begin(), name.end(), words.begin())) {
+      best = &c;
+      best_words = name.size();
+    }
+  }
+  *consumed = best_words;
+  return best;
+}
+
+// Parses the command line in three steps: global flags are taken out wherever they are; the
+// leading words of what remains name the command; the rest are that command's flags and
+// arguments. A command's own flags must therefore follow its name.
+absl::optional<UsageError> ParseCommandLine(const std::vector<std::string>& args,
+                                            const EnvLookup& env, Invocation* inv) {
+  if (absl::optional<std::string> server = env(kServerEnv); server.has_value() && !server->empty()) {
+    inv->server = *server;
+  }
+
+  // Step 1: global flags. `literal` marks tokens after "--", which are never flags.
+  struct Token {
+    std::string text;
+    bool literal = false;
+  };
+  std::vector<Token> rest;
+  bool flags_done = false;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& arg = args[i];
+    if (flags_done) {
+      rest.push_back({arg, true});
+      continue;
+    }
+    if (arg == "--") {
+      flags_done = true;
+      continue;
+    }
+    if (arg == "-h") {
+      inv->help = true;
+      continue;
+    }
+    absl::string_view body = arg;
+    if (!absl::ConsumePrefix(&body, "--")) {
+      rest.push_back({arg});
+      continue;
+    }
+    absl::string_view name = body.substr(0, body.find('='));
+    if (name == "admin-key") {
+      // Never echo the value: it is the secret.
+      return UsageError{absl::StrCat("--admin-key is not accepted: command lines are visible in "
+                                     "ps; set ", kAdminKeyEnv, " or use --admin-key-file PATH")};
+    }
+    const FlagSpec* flag = FindFlag(GlobalFlags(), name);
+    if (flag == nullptr) {
+      rest.push_back({arg});
+      continue;
+    }
+    absl::optional<std::string> value;
+    if (name.size() < body.size()) {
+      value = std::string(body.substr(name.size() + 1));
+    } else if (!flag->value_name.empty()) {
+      if (i + 1 >= args.size()) {
+        return UsageError{absl::StrCat("--", name, " needs a value (", flag->value_name, ")")};
+      }
+      value = args[++i];
+    }
+    if (absl::optional<UsageError> error = ApplyGlobalFlag(name, value, inv)) return error;
+  }
+
+  // Step 2: the command's name.
+  std::vector<std::string> words;
+  for (const Token& token : rest) {
+    if (!token.literal && absl::StartsWith(token.text, "-")) break;
+    words.push_back(token.text);
+  }
+  if (words.empty()) {
+    if (!rest.empty()) {
+      return UsageError{absl::StrCat("unknown flag ", rest.front().text,
+                                     " (a command's flags follow the command)")};
+    }
+    return absl::nullopt;  // No command: the caller prints the general usage.
+  }
+  size_t consumed = 0;
+  inv->command = FindCommand(words, &consumed);
+  if (inv->command == nullptr) {
+    return UsageError{absl::StrCat("unknown command '", words.front(), "'")};
+  }
+
+  // Step 3: the command's flags and arguments.
+  const Command& command = *inv->command;
+  for (size_t i = consumed; i < rest.size(); ++i) {
+    const Token& token = rest[i];
+    absl::string_view body = token.text;
+    if (token.literal || token.text == "-" || !absl::StartsWith(body, "-")) {
+      inv->args.push_back(token.text);
+      continue;
+    }
+    if (!absl::ConsumePrefix(&body, "--")) {
+      return UsageError{absl::StrCat("unknown flag ", token.text), &command};
+    }
+    absl::string_view name = body.substr(0, body.find('='));
+    const FlagSpec* flag = FindFlag(command.flags, name);
+    if (flag == nullptr) {
+      return UsageError{absl::StrCat("unknown flag --", name, " for '", command.name, "'"),
+                        &command};
+    }
+    std::string value = "true";
+    if (name.size() < body.size()) {
+      if (flag->value_name.empty()) {
+        return UsageError{absl::StrCat("--", name, " takes no value"), &command};
+      }
+      value = std::string(body.substr(name.size() + 1));
+    } else if (!flag->value_name.empty()) {
+      if (i + 1 >= rest.size()) {
+        return UsageError{absl::StrCat("--", name, " needs a value (", flag->value_name, ")"),
+                          &command};
+      }
+      value = rest[++i].text;
+    }
+    inv->flags[flag->name] = value;
+  }
+  if (inv->help) return absl::nullopt;
+  if (inv->args.size() < command.min_args || inv->args.size() > command.max_args) {
+    std::string message =
+        command.max_args == 0
+            ? absl::StrCat("'", command.name, "' takes no arguments (got '", inv->args.front(),
+                           "')")
+            : absl::StrCat("wrong number of arguments for '", command.name, "'");
+    return UsageError{message, &command};
+  }
+  return absl::nullopt;
+}
+
+// Turns a server message into one line, so each diagnostic is exactly one line.
+std::string OneLine(absl::string_view text) {
+  return absl::StrReplaceAll(absl::StripAsciiWhitespace(text), {{"\r\n", " "}, {"\n", " "}});
+}
+
+// What a command handler works with: the parsed invocation, the output streams and the
+// controlplane connection (made on first use, so `help` and usage errors need neither a server
+// nor an admin key).
+class Session {
+ public:
+  Session(const Invocation& invocation, const EnvLookup& env, std::ostream& out,
+          std::ostream& err)
+      : inv_(invocation), env_(env), out_(out), err_(err), now_(absl::Now()) {}
+
+  std::ostream& out() { return out_; }
+  std::ostream& err() { return err_; }
+  bool json() const { return inv_.json; }
+  // When the command started; the reference for "3s ago".
+  absl::Time now() const { return now_; }
+  const std::vector<std::string>& args() const { return inv_.args; }
+  const EnvLookup& env() const { return env_; }
+  // The value of one of the command's own flags, if given.
+  absl::optional<std::string> flag(const std::string& name) const {
+    auto it = inv_.flags.find(name);
+    if (it == inv_.flags.end()) return absl::nullopt;
+    return it->second;
+  }
+
+  // Prints "sflbctl: <message>" and the command's usage on stderr; returns kCtlUsage.
+  int UsageFailure(absl::string_view message) {
+    err_ << kProgram << ": " << message << "\n\n" << CommandUsage(*inv_.command);
+    return kCtlUsage;
+  }
+  // Prints "sflbctl: <message>" on stderr and returns `code`.
+  int Fail(int code, absl::string_view message) {
+    err_ << kProgram << ": " << message << "\n";
+    return code;
+  }
+
+  // Loads the admin key and opens the channel, once. Returns kCtlOk, or prints why not and
+  // returns kCtlNoAdminKey.
+  int Connect() {
+    if (channel_ != nullptr) return kCtlOk;
+    if (int rc = LoadAdminKey(); rc != kCtlOk) return rc;
+    channel_ = MakeControlplaneChannel(inv_.server);
+    admin_ = v1::AdminService::NewStub(channel_);
+    return kCtlOk;
+  }
+  // After Connect(): the channel, for commands that use another service (e.g. health).
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
+
+  // After Connect(): a context with the deadline and the admin key for one call.
+  std::unique_ptr<grpc::ClientContext> NewCallContext() const {
+    auto context = std::make_unique<grpc::ClientContext>();
+    context->set_deadline(absl::ToChronoTime(absl::Now() + inv_.timeout));
+    context->AddMetadata(kAuthorizationMetadata, absl::StrCat("Bearer ", admin_key_));
+    return context;
+  }
+
+  // Explains a failed call `rpc` on stderr and returns its exit code.
+  int RpcFailure(absl::string_view rpc, const grpc::Status& status) {
+    const std::string message = OneLine(status.error_message());
+    const std::string where = absl::StrCat("the controlplane at ", inv_.server);
+    const std::string check = absl::StrCat("check --server or ", kServerEnv);
+    switch (status.error_code()) {
+      case grpc::StatusCode::UNAVAILABLE:
+        return Fail(kCtlUnreachable,
+                    absl::StrCat("cannot reach ", where, " (", message, "); ", check));
+      case grpc::StatusCode::DEADLINE_EXCEEDED:
+        return Fail(kCtlUnreachable,
+                    absl::StrCat("no answer from ", where, " within ",
+                                 absl::FormatDuration(inv_.timeout), "; ", check,
+                                 ", or raise --timeout"));
+      case grpc::StatusCode::UNAUTHENTICATED:
+      case grpc::StatusCode::PERMISSION_DENIED:
+        return Fail(kCtlAuthFailed,
+                    absl::StrCat("admin key rejected by ", where, " (key from ",
+                                 admin_key_origin_, ")"));
+      case grpc::StatusCode::FAILED_PRECONDITION:
+        // By contract the message is the reason the operation could not be applied.
+        return Fail(kCtlFailed, message);
+      case grpc::StatusCode::UNIMPLEMENTED:
+        return Fail(kCtlFailed, absl::StrCat(where, " does not support ", rpc,
+                                             " (is it older than sflbctl ", kVersion, "?)"));
+      default:
+        return Fail(kCtlFailed,
+                    absl::StrCat(rpc, " failed: ", message, " (",
+                                 absl::StatusCodeToString(
+                                     static_cast<absl::StatusCode>(status.error_code())),
+                                 ")"));
+    }
+  }
+
+  // Prints `message` as one JSON object (proto field names, defaults included) and a newline.
+  int PrintJson(const google::protobuf::Message& message) {
+    google::protobuf::util::JsonPrintOptions options;
+    options.preserve_proto_field_names = true;
+    options.always_print_primitive_fields = true;
+    std::string json;
+    auto status = google::protobuf::util::MessageToJsonString(message, &json, options);
+    if (!status.ok()) {
+      return Fail(kCtlFailed, absl::StrCat("cannot render JSON: ", status.ToString()));
+    }
+    out_ << json << "\n";
+    return kCtlOk;
+  }
+
+  // The common shape of a command: one AdminService call; on success the response goes to
+  // stdout as JSON (--json) or through `render` for people; on failure RpcFailure() explains.
+  template <typename Request, typename Response, typename Render>
+  int CallAdmin(const char* rpc,
+                grpc::Status (v1::AdminService::Stub::*method)(grpc::ClientContext*,
+                                                               const Request&, Response*),
+                const Request& request, Render&& render) {
+    if (int rc = Connect(); rc != kCtlOk) return rc;
+    std::unique_ptr<grpc::ClientContext> context = NewCallContext();
+    Response response;
+    grpc::Status status = (admin_.get()->*method)(context.get(), request, &response);
+    if (!status.ok()) return RpcFailure(rpc, status);
+    if (json()) return PrintJson(response);
+    render(response);
+    return kCtlOk;
+  }
+
+ private:
+  // The flag wins over the variable, as for every sflb setting.
+  int LoadAdminKey() {
+    if (!inv_.admin_key_file.empty()) {
+      admin_key_origin_ = absl::StrCat("--admin-key-file ", inv_.admin_key_file);
+      std::ifstream in(inv_.admin_key_file, std::ios::binary);
+      if (!in) {
+        return Fail(kCtlNoAdminKey,
+                    absl::StrCat("cannot read admin key file '", inv_.admin_key_file, "'"));
+      }
+      std::ostringstream content;
+      content << in.rdbuf();
+      admin_key_ = std::string(absl::StripAsciiWhitespace(content.str()));
+      if (admin_key_.empty()) {
+        return Fail(kCtlNoAdminKey,
+                    absl::StrCat("admin key file '", inv_.admin_key_file, "' is empty"));
+      }
+      return kCtlOk;
+    }
+    admin_key_origin_ = kAdminKeyEnv;
+    absl::optional<std::string> key = env_(kAdminKeyEnv);
+    if (key.has_value()) admin_key_ = std::string(absl::StripAsciiWhitespace(*key));
+    if (admin_key_.empty()) {
+      return Fail(kCtlNoAdminKey, absl::StrCat("no admin key: set ", kAdminKeyEnv,
+                                               " or pass --admin-key-file PATH"));
+    }
+    return kCtlOk;
+  }
+
+  const Invocation& inv_;
+  const EnvLookup& env_;
+  std::ostream& out_;
+  std::ostream& err_;
+  const absl::Time now_;
+  std::string admin_key_;
+  // "LB_ADMIN_KEY" or "--admin-key-file PATH", for messages. Never the key.
+  std::string admin_key_origin_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::AdminService::Stub> admin_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Key tables, shared by `stats` and `keys`.
+
+// "active", "cooling", ...: the KeyState name without its prefix, lower case.
+std::string StateName(v1::KeyState state) {
+  absl::string_view name = v1::KeyState_Name(state);
+  absl::ConsumePrefix(&name, "KEY_STATE_");
+  return absl::AsciiStrToLower(name);
+}
+
+// The states `keys --state` accepts, in enum order.
+std::vector<std::string> FilterableStates() {
+  std::vector<std::string> names;
+  for (int i = v1::KeyState_MIN; i <= v1::KeyState_MAX; ++i) {
+    if (v1::KeyState_IsValid(i) && i != v1::KEY_STATE_UNSPECIFIED) {
+      names.push_back(StateName(static_cast<v1::KeyState>(i)));
+    }
+  }
+  return names;
+}
+
+absl::optional<v1::KeyState> ParseState(absl::string_view text) {
+  std::string lower = absl::AsciiStrToLower(text);
+  for (int i = v1::KeyState_MIN; i <= v1::KeyState_MAX; ++i) {
+    if (v1::KeyState_IsValid(i) && i != v1::KEY_STATE_UNSPECIFIED &&
+        StateName(static_cast<v1::KeyState>(i)) == lower) {
+      return static_cast<v1::KeyState>(i);
+    }
+  }
+  return absl::nullopt;
+}
+
+// One column of a key table: how to print a key's cell and, for counters, its total.
+struct KeyColumn {
+  const char* header;
+  TextTable::Align align;
+  std::string (*cell)(const v1::KeyStatus& key, absl::Time now);
+  // Null for columns without a total.
+  uint64_t (*total)(const v1::KeyStatus& key);
+};
+
+uint64_t RequestCount(const v1::KeyStatus& k) { return k.request_count(); }
+uint64_t TokenCount(const v1::KeyStatus& k) { return k.prompt_tokens() + k.completion_tokens(); }
+
+const KeyColumn kIndexColumn{"INDEX", TextTable::Align::kRight,
+                             [](const v1::KeyStatus& k, absl::Time) {
+                               return absl::StrCat(k.index());
+                             },
+                             nullptr};
+const KeyColumn kKeyColumn{"KEY", TextTable::Align::kLeft,
+                           [](const v1::KeyStatus& k, absl::Time) { return k.masked(); },
+                           nullptr};
+const KeyColumn kFingerprintColumn{
+    "FINGERPRINT", TextTable::Align::kLeft,
+    [](const v1::KeyStatus& k, absl::Time) { return k.fingerprint(); }, nullptr};
+// A key without `account=` is its own rate-limit scope and carries its fingerprint as account:
+// "-" says so without repeating the fingerprint.
+const KeyColumn kAccountColumn{"ACCOUNT", TextTable::Align::kLeft,
+                               [](const v1::KeyStatus& k, absl::Time) {
+                                 return k.account().empty() || k.account() == k.fingerprint()
+                                            ? std::string("-")
+                                            : k.account();
+                               },
+                               nullptr};
+const KeyColumn kStateColumn{
+    "STATE", TextTable::Align::kLeft,
+    [](const v1::KeyStatus& k, absl::Time now) {
+      std::string state = StateName(k.state());
+      if (k.has_state_until()) {
+        absl::Time until = FromProtoTime(k.state_until());
+        if (until > now) absl::StrAppend(&state, " (", FormatShortDuration(until - now), " left)");
+      }
+      return state;
+    },
+    nullptr};
+const KeyColumn kReasonColumn{"REASON", TextTable::Align::kLeft,
+                              [](const v1::KeyStatus& k, absl::Time) {
+                                return k.state_reason().empty() ? std::string("-")
+                                                                : OneLine(k.state_reason());
+                              },
+                              nullptr};
+const KeyColumn kRequestsColumn{"REQUESTS", TextTable::Align::kRight,
+                                [](const v1::KeyStatus& k, absl::Time) {
+                                  return absl::StrCat(k.request_count());
+                                },
+                                RequestCount};
+const KeyColumn kLastUsedColumn{"LAST USED", TextTable::Align::kLeft,
+                                [](const v1::KeyStatus& k, absl::Time now) {
+                                  return FormatTimeAgo(k.has_last_used()
+                                                           ? FromProtoTime(k.last_used())
+                                                           : absl::InfinitePast(),
+                                                       now);
+                                },
+                                nullptr};
+const KeyColumn kTokensColumn{"TOKENS", TextTable::Align::kRight,
+                              [](const v1::KeyStatus& k, absl::Time) {
+                                return absl::StrCat(TokenCount(k));
+                              },
+                              TokenCount};
+
+// Prints one row per key and a TOTAL row summing the counter columns.
+void PrintKeyTable(const google::protobuf::RepeatedPtrField<v1::KeyStatus>& keys,
+                   const std::vector<const KeyColumn*>& columns, absl::Time now,
+                   std::ostream& out) {
+  std::vector<TextTable::Column> headers;
+  for (const KeyColumn* c : columns) headers.push_back({c->header, c->align});
+  TextTable table(std::move(headers));
+  std::vector<uint64_t> totals(columns.size(), 0);
+  for (const v1::KeyStatus& key : keys) {
+    std::vector<std::string> row;
+    for (size_t i = 0; i < columns.size(); ++i) {
+      row.push_back(columns[i]->cell(key, now));
+      if (columns[i]->total != nullptr) totals[i] += columns[i]->total(key);
+    }
+    table.AddRow(std::move(row));
+  }
+  std::vector<std::string> total_row(columns.size());
+  total_row[0] = "TOTAL";
+  for (size_t i = 1; i < columns.size(); ++i) {
+    if (columns[i]->total != nullptr) total_row[i] = absl::StrCat(totals[i]);
+  }
+  table.SetTotals(std::move(total_row));
+  table.Print(out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands. Each returns a CtlExitCode.
+
+int StatsCommand(Session& s) {
+  return s.CallAdmin(
+      "GetStats", &v1::AdminService::Stub::GetStats, v1::GetStatsRequest(),
+      [&s](const v1::GetStatsResponse& r) {
+        std::string uptime = "unknown";
+        if (r.has_started_at()) {
+          absl::Time started = FromProtoTime(r.started_at());
+          uptime = absl::StrCat(FormatShortDuration(s.now() - started), " (since ",
+                                FormatIso8601(started), ")");
+        }
+        TextTable summary({{""}, {""}});
+        summary.AddRow({"Keys:", absl::StrCat(r.total_keys(), " total, ", r.active_keys(),
+                                              " active")});
+        summary.AddRow({"Requests:", absl::StrCat(r.total_requests())});
+        summary.AddRow({"Leased:", absl::StrCat(r.leased_total())});
+        summary.AddRow({"Watching replicas:", absl::StrCat(r.watching_replicas())});
+        summary.AddRow({"Snapshot version:", absl::StrCat(r.snapshot_version())});
+        summary.AddRow({"Source:", r.source().empty() ? "-" : r.source()});
+        summary.AddRow({"Uptime:", uptime});
+        summary.Print(s.out());
+        s.out() << "\n";
+        PrintKeyTable(r.keys(),
+                      {&kIndexColumn, &kKeyColumn, &kFingerprintColumn, &kAccountColumn,
+                       &kStateColumn, &kRequestsColumn, &kLastUsedColumn, &kTokensColumn},
+                      s.now(), s.out());
+      });
+}
+
+int KeysCommand(Session& s) {
+  v1::ListKeysRequest request;
+  absl::optional<std::string> state = s.flag("state");
+  if (state.has_value()) {
+    absl::optional<v1::KeyState> parsed = ParseState(*state);
+    if (!parsed.has_value()) {
+      return s.UsageFailure(absl::StrCat("--state: expected one of ",
+                                         absl::StrJoin(FilterableStates(), ", "), ", got '",
+                                         *state, "'"));
+    }
+    request.set_state(*parsed);
+  }
+  return s.CallAdmin("ListKeys", &v1::AdminService::Stub::ListKeys, request,
+                     [&](const v1::ListKeysResponse& r) {
+                       if (r.keys().empty()) {
+                         s.out() << (state.has_value()
+                                         ? absl::StrCat("No keys in state ",
+                                                        StateName(request.state()), ".\n")
+                                         : std::string("No keys.\n"));
+                         return;
+                       }
+                       PrintKeyTable(r.keys(),
+                                     {&kIndexColumn, &kKeyColumn, &kFingerprintColumn,
+                                      &kAccountColumn, &kStateColumn, &kReasonColumn,
+                                      &kRequestsColumn, &kLastUsedColumn},
+                                     s.now(), s.out());
+                     });
+}
+
+int ReloadCommand(Session& s) {
+  v1::ReloadRequest request;
+  if (absl::optional<std::string> reason = s.flag("reason")) {
+    request.set_reason(*reason);
+  } else {
+    absl::optional<std::string> user = s.env()("USER");
+    request.set_reason(user.has_value() && !user->empty()
+                           ? absl::StrCat("sflbctl reload by ", *user)
+                           : std::string("sflbctl reload"));
+  }
+  return s.CallAdmin("Reload", &v1::AdminService::Stub::Reload, request,
+                     [&s](const v1::ReloadResponse& r) {
+                       s.out() << "Reloaded " << r.new_count() << " keys from " << r.source()
+                               << " (previous " << r.previous_count() << "): +"
+                               << r.added_size() << " added, -" << r.removed_size()
+                               << " removed\n";
+                       if (r.added_size() > 0) {
+                         s.out() << "  added:   " << absl::StrJoin(r.added(), ", ") << "\n";
+                       }
+                       if (r.removed_size() > 0) {
+                         s.out() << "  removed: " << absl::StrJoin(r.removed(), ", ") << "\n";
+                       }
+                       for (const std::string& warning : r.warnings()) {
+                         s.out() << "warning: " << OneLine(warning) << "\n";
+                       }
+                     });
+}
+
+int HelpCommand(Session& s) {
+  if (s.args().empty()) {
+    s.out() << GeneralUsage();
+    return kCtlOk;
+  }
+  size_t consumed = 0;
+  const Command* command = FindCommand(s.args(), &consumed);
+  if (command == nullptr || consumed != s.args().size()) {
+    return s.UsageFailure(
+        absl::StrCat("no command '", absl::StrJoin(s.args(), " "), "' (see '", kProgram,
+                     " help')"));
+  }
+  s.out() << CommandUsage(*command);
+  return kCtlOk;
+}
+
+int VersionCommand(Session& s) {
+  if (s.json()) {
+    google::protobuf::Struct version;
+    (*version.mutable_fields())["name"].set_string_value(kProgram);
+    (*version.mutable_fields())["version"].set_string_value(kVersion);
+    return s.PrintJson(version);
+  }
+  s.out() << kProgram << " " << kVersion << "\n";
+  return kCtlOk;
+}
+
+// The command table. Keep it in the order `sflbctl help` should list it.
+const std::vector<Command>& Commands() {
+  static const auto* commands = new std::vector<Command>{
+      {"stats", "", "Pool totals, then one row per key with its usage",
+       "Columns: INDEX, KEY (masked), FINGERPRINT, ACCOUNT ('-': the key is its own rate-limit\n"
+       "scope), STATE, REQUESTS, LAST USED, TOKENS (prompt + completion).\n",
+       {}, 0, 0, StatsCommand},
+      {"keys", "[--state STATE]", "List the keys (masked) with their state and why", "",
+       {{"state", "STATE",
+         absl::StrCat("only keys in STATE: ", absl::StrJoin(FilterableStates(), ", "))}},
+       0, 0, KeysCommand},
+      {"reload", "[--reason TEXT]",
+       "Re-read the key source (keys file, else SILICONFLOW_API_KEY_N)",
+       "Atomic: if the source has no usable key, the running keys stay and sflbctl exits 1.\n",
+       {{"reason", "TEXT", "recorded in the controlplane's log (default: 'sflbctl reload by $USER')"}},
+       0, 0, ReloadCommand},
+      {"help", "[COMMAND]", "Show the command list, or one command's usage", "", {}, 0,
+       kAnyNumber, HelpCommand},
+      {"version", "", "Print sflbctl's version", "", {}, 0, 0, VersionCommand},
+  };
+  return *commands;
+}
+
+}  // namespace
+
+int RunCtl(const std::vector<std::string>& args, const EnvLookup& env, std::ostream& out,
+           std::ostream& err) {
+  Invocation inv;
+  if (absl::optional<UsageError> error = ParseCommandLine(args, env, &inv)) {
+    err << kProgram << ": " << error->message << "\n\n"
+        << (error->command != nullptr ? CommandUsage(*error->command) : GeneralUsage());
+    return kCtlUsage;
+  }
+  if (inv.command == nullptr) {
+    // `sflbctl --help` asks for help; a bare `sflbctl` is a usage error.
+    (inv.help ? out : err) << GeneralUsage();
+    return inv.help ? kCtlOk : kCtlUsage;
+  }
+  if (inv.help) {
+    out << CommandUsage(*inv.command);
+    return kCtlOk;
+  }
+  Session session(inv, env, out, err);
+  return inv.command->handler(session);
+}
+
+}  // namespace sflb
