@@ -18,9 +18,11 @@ std::shared_ptr<grpc::Channel> MakeControlplaneChannel(const std::string& addres
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
-  // Reconnect quickly after a controlplane restart.
+  // Reconnect quickly after a controlplane restart. gRPC 1.51 also uses the *minimum* backoff
+  // as the connect timeout (time to receive the server's SETTINGS frame), so it must stay
+  // generous or a busy machine fails every attempt.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 5000);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   args.SetMaxReceiveMessageSize(64 * 1024 * 1024);
   return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);

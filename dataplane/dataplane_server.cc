@@ -1,5 +1,6 @@
 #include "dataplane/dataplane_server.h"
 
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -318,6 +319,13 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
   server.set_payload_max_length(static_cast<size_t>(options.max_body_bytes));
   server.set_tcp_nodelay(true);
   InstallRoutes(server, dp.get());
+  // httplib listens with a backlog of 5 (compiled in); a burst of connects would see SYNs
+  // dropped and retried a second later. Keep the listening socket and widen its backlog.
+  int listen_socket = -1;
+  server.set_socket_options([&listen_socket](socket_t sock) {
+    httplib::default_socket_options(sock);
+    listen_socket = sock;
+  });
 
   int port = options.port == 0 ? server.bind_to_any_port(options.host)
                                : (server.bind_to_port(options.host, static_cast<int>(options.port))
@@ -327,6 +335,9 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.host, ":",
                                                options.port, " (address in use?)"));
   }
+  if (listen_socket >= 0) ::listen(listen_socket, 4096);
+  // Accepted client sockets must not inherit the listener's callback.
+  server.set_socket_options([](socket_t sock) { httplib::default_socket_options(sock); });
   dp->link->Start();
   LogInfo("listening", {{"address", absl::StrCat(options.host, ":", port)},
                         {"port", port},
