@@ -17,7 +17,7 @@ std::string KeyFingerprint(absl::string_view secret) {
 
 std::string MaskKey(absl::string_view secret) {
   constexpr absl::string_view kEllipsis = "\xE2\x80\xA6";  // U+2026
-  if (secret.size() >= 16) {
+  if (secret.size() >= 18) {
     return absl::StrCat(secret.substr(0, 5), kEllipsis, secret.substr(secret.size() - 4));
   }
   if (secret.size() >= 8) {

@@ -12,8 +12,8 @@ namespace sflb {
 // First 12 hex digits of SHA-256(secret). Stable, safe to log. Thread-safe.
 std::string KeyFingerprint(absl::string_view secret);
 
-// "sk-ab…wxyz" (first 5, last 4) for keys of 16+ bytes; shorter keys show less ("ab…yz" for
-// 8..15 bytes, "…" below 8) so that a mask never reveals more than half of a key.
+// "sk-ab…wxyz" (first 5, last 4) for keys of 18+ bytes; shorter keys show less ("ab…yz" for
+// 8..17 bytes, "…" below 8) so that a mask never reveals more than half of a key.
 std::string MaskKey(absl::string_view secret);
 
 }  // namespace sflb

@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -116,10 +117,15 @@ KeySet ReadKeysFromEnv(
     KeySet one = ParseKeysText(*value, origin);
     for (std::string& warning : one.warnings) {
       // ParseKeysText appends ":1"; for a variable the line number says nothing.
+      // Keep "line N" only when the value has several lines.
       absl::string_view w = warning;
-      std::string prefix = absl::StrCat(origin, ":1");
-      if (absl::StartsWith(w, prefix)) w.remove_prefix(prefix.size());
-      out.warnings.push_back(absl::StrCat(origin, w));
+      std::string prefix = absl::StrCat(origin, ":1:");
+      if (absl::StartsWith(w, prefix)) {
+        w.remove_prefix(prefix.size());
+        out.warnings.push_back(absl::StrCat(origin, ":", w));
+      } else {
+        out.warnings.push_back(warning);
+      }
     }
     if (one.keys.empty() && one.warnings.empty()) {
       out.warnings.push_back(absl::StrCat(origin, ": empty value, skipped"));
@@ -137,6 +143,10 @@ absl::StatusOr<KeySet> LoadKeySource(
     const std::function<absl::optional<std::string>(const std::string&)>& getenv) {
   std::ifstream in(keys_file, std::ios::binary);
   KeySet keys;
+  std::error_code ec;
+  if (in && std::filesystem::is_directory(keys_file, ec)) {
+    return absl::InternalError(absl::StrCat(keys_file, ": is a directory, not a keys file"));
+  }
   if (in) {
     std::ostringstream content;
     content << in.rdbuf();

@@ -1,6 +1,8 @@
 #include "common/options.h"
 
+#include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -25,7 +27,8 @@ absl::optional<absl::Duration> ParseDurationSetting(absl::string_view text) {
   text = absl::StripAsciiWhitespace(text);
   double seconds;
   if (absl::SimpleAtod(text, &seconds)) {
-    if (seconds < 0) return absl::nullopt;
+    // SimpleAtod accepts "inf", "nan" and overflowing exponents: none is a usable duration.
+    if (!std::isfinite(seconds) || seconds < 0 || seconds > 1e9) return absl::nullopt;
     return absl::Seconds(seconds);
   }
   absl::Duration d;
@@ -171,7 +174,7 @@ absl::Status OptionParser::Parse(int argc, const char* const* argv, const EnvLoo
     }
     if (from_file) {
       std::ifstream in(*value, std::ios::binary);
-      if (!in) {
+      if (!in || !std::filesystem::is_regular_file(*value)) {
         return absl::InvalidArgumentError(
             absl::StrCat("--", name, ": cannot read '", *value, "'"));
       }
