@@ -83,6 +83,8 @@ grpc::Status AdminServiceImpl::GetStats(grpc::ServerContext* context,
   registry_->FillStats(response);
   *response->mutable_started_at() = ToProtoTime(started_at_);
   response->set_watching_replicas(key_service_->watching_replicas());
+  response->set_lease_calls(key_service_->lease_calls());
+  response->set_report_calls(key_service_->report_calls());
   response->set_source(source_->current_source());
   return grpc::Status::OK;
 }
@@ -98,6 +100,47 @@ grpc::Status AdminServiceImpl::ListKeys(grpc::ServerContext* context,
   for (v1::KeyStatus& status : registry_->ListKeys(request->state())) {
     *response->add_keys() = std::move(status);
   }
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminServiceImpl::GetKey(grpc::ServerContext* context,
+                                      const v1::GetKeyRequest* request,
+                                      v1::GetKeyResponse* response) {
+  grpc::Status auth = Authenticate(context, "GetKey");
+  if (!auth.ok()) return auth;
+  absl::StatusOr<uint64_t> id = registry_->Resolve(request->key());
+  if (!id.ok()) return ToGrpcStatus(id.status());
+  absl::StatusOr<v1::GetKeyResponse> explained = registry_->Explain(*id);
+  if (!explained.ok()) return ToGrpcStatus(explained.status());
+  *response = std::move(*explained);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminServiceImpl::SetKeyState(grpc::ServerContext* context,
+                                           const v1::SetKeyStateRequest* request,
+                                           v1::SetKeyStateResponse* response) {
+  grpc::Status auth = Authenticate(context, "SetKeyState");
+  if (!auth.ok()) return auth;
+  if (request->action() == v1::KEY_ACTION_UNSPECIFIED || !v1::KeyAction_IsValid(request->action())) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "action must be KEY_ACTION_DISABLE, KEY_ACTION_ENABLE or KEY_ACTION_COOLDOWN");
+  }
+  if (request->reason().size() > 512) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "reason longer than 512 bytes");
+  }
+  absl::StatusOr<uint64_t> id = registry_->Resolve(request->key());
+  if (!id.ok()) return ToGrpcStatus(id.status());
+  std::string actor = absl::StrCat("admin@", context->peer());
+  absl::StatusOr<v1::KeyStatus> status =
+      registry_->ApplyAction(*id, request->action(), FromProtoDuration(request->duration()),
+                             request->reason(), actor);
+  if (!status.ok()) return ToGrpcStatus(status.status());
+  LogInfo("key_state_set", {{"key", status->fingerprint()},
+                            {"action", v1::KeyAction_Name(request->action())},
+                            {"state", v1::KeyState_Name(status->state())},
+                            {"reason", request->reason()},
+                            {"actor", actor}});
+  *response->mutable_key() = std::move(*status);
   return grpc::Status::OK;
 }
 

@@ -26,6 +26,10 @@ class AdminServiceImpl final : public v1::AdminService::Service {
                         v1::GetStatsResponse* response) override;
   grpc::Status ListKeys(grpc::ServerContext* context, const v1::ListKeysRequest* request,
                         v1::ListKeysResponse* response) override;
+  grpc::Status GetKey(grpc::ServerContext* context, const v1::GetKeyRequest* request,
+                      v1::GetKeyResponse* response) override;
+  grpc::Status SetKeyState(grpc::ServerContext* context, const v1::SetKeyStateRequest* request,
+                           v1::SetKeyStateResponse* response) override;
 
  private:
   // UNAUTHENTICATED unless the call carries the admin key. Logs failures with the peer.

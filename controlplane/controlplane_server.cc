@@ -1,6 +1,10 @@
 #include "controlplane/controlplane_server.h"
 
+#include <atomic>
+#include <thread>
+
 #include "absl/strings/str_cat.h"
+#include "common/mutex.h"
 #include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/signals.h"
@@ -9,6 +13,7 @@
 #include "controlplane/key_registry.h"
 #include "controlplane/key_service.h"
 #include "controlplane/key_source.h"
+#include "controlplane/state_store.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 
@@ -29,6 +34,21 @@ void RegisterControlplaneOptions(OptionParser* parser, ControlplaneOptions* opti
                       "Time in-flight RPCs get to finish on SIGTERM");
   parser->AddString("log-level", "SFLB_LOG_LEVEL", &options->log_level,
                     "Log level: debug, info, warning, error");
+  parser->AddString("state-file", "SFLB_STATE_FILE", &options->state_file,
+                    "State file for key states, counters and rate-limit blocks (default: "
+                    "sflb-state.json beside the keys file)");
+  parser->AddDuration("default-cooldown", "SFLB_DEFAULT_COOLDOWN", &options->default_cooldown,
+                      "Cooldown after a 429 that names no limit and has no Retry-After");
+  parser->AddDuration("max-cooldown", "SFLB_MAX_COOLDOWN", &options->max_cooldown,
+                      "Cap of the exponential backoff of repeated 429s (per-day limits excepted)");
+  parser->AddDuration("probe-timeout", "SFLB_PROBE_TIMEOUT", &options->probe_timeout,
+                      "Time a replica named to probe a half-open scope has before another is");
+}
+
+std::string DefaultStateFile(const std::string& keys_file) {
+  size_t slash = keys_file.rfind('/');
+  std::string dir = slash == std::string::npos ? "" : keys_file.substr(0, slash + 1);
+  return dir + "sflb-state.json";
 }
 
 absl::Status ValidateControlplaneOptions(const ControlplaneOptions& options) {
@@ -50,8 +70,14 @@ absl::Status ValidateControlplaneOptions(const ControlplaneOptions& options) {
 
 absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup& env) {
   absl::Time started_at = absl::Now();
-  KeyRegistry registry(RealClock::Get());
+  ScopeBlockOptions block_options;
+  block_options.cooldown.default_cooldown = options.default_cooldown;
+  block_options.cooldown.max_cooldown = options.max_cooldown;
+  block_options.probe_timeout = options.probe_timeout;
+  KeyRegistry registry(RealClock::Get(), block_options);
   KeySource source(options.keys_file, env, &registry);
+  StateStore state_store(options.state_file.empty() ? DefaultStateFile(options.keys_file)
+                                                    : options.state_file);
 
   absl::StatusOr<ReloadOutcome> initial = source.Reload();
   if (initial.ok()) {
@@ -64,6 +90,16 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
     LogError("no_keys_loaded", {{"reason", std::string(initial.status().message())},
                                 {"hint", "create the keys file or set SILICONFLOW_API_KEY_1, then "
                                          "run 'sflbctl reload' or send SIGHUP"}});
+  }
+
+  absl::StatusOr<nlohmann::json> saved = state_store.Load();
+  if (saved.ok()) {
+    registry.ImportState(*saved);
+    LogInfo("state_restored", {{"file", state_store.path()}});
+  } else if (!absl::IsNotFound(saved.status())) {
+    // A damaged state file must not keep the pool down: start fresh, keep the file for a look.
+    LogError("state_unreadable", {{"file", state_store.path()},
+                                  {"reason", std::string(saved.status().message())}});
   }
 
   KeyServiceImpl key_service(&registry, options.watch_heartbeat);
@@ -90,6 +126,36 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
                         {"port", selected_port},
                         {"version", kVersion}});
 
+  // Maintenance: time-driven state transitions every 100 ms, the state file when it changed.
+  std::atomic<bool> stopping{false};
+  Mutex maintenance_mu;
+  CondVar maintenance_cv;
+  uint64_t saved_generation = registry.state_generation();
+  absl::Time last_save = absl::Now();
+  auto save_state = [&](bool force) {
+    uint64_t generation = registry.state_generation();
+    // Counters change without a generation bump: save them at least every 30 s.
+    if (!force && generation == saved_generation && absl::Now() - last_save < absl::Seconds(30)) {
+      return;
+    }
+    absl::Status saved_ok = state_store.Save(registry.ExportState());
+    if (!saved_ok.ok()) {
+      LogError("state_save_failed", {{"reason", std::string(saved_ok.message())}});
+      return;
+    }
+    saved_generation = generation;
+    last_save = absl::Now();
+  };
+  std::thread maintenance([&] {
+    MutexLock lock(&maintenance_mu);
+    while (!stopping.load()) {
+      maintenance_cv.WaitWithTimeout(&maintenance_mu, absl::Milliseconds(100));
+      if (stopping.load()) break;
+      registry.Tick(key_service.replica_ids());
+      save_state(false);
+    }
+  });
+
   for (;;) {
     int sig = WaitForSignal(absl::Seconds(1));
     if (sig == SIGHUP) {
@@ -112,13 +178,20 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
       break;
     }
   }
+  {
+    MutexLock lock(&maintenance_mu);
+    stopping.store(true);
+    maintenance_cv.SignalAll();
+  }
+  maintenance.join();
   key_service.Shutdown();
   if (grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService()) {
     health->Shutdown();
   }
   server->Shutdown(absl::ToChronoTime(absl::Now() + options.shutdown_grace));
   server->Wait();
-  LogInfo("stopped");
+  save_state(true);
+  LogInfo("stopped", {{"state_file", state_store.path()}});
   return absl::OkStatus();
 }
 

@@ -27,6 +27,14 @@ struct ControlplaneOptions {
   absl::Duration shutdown_grace = absl::Seconds(5);
   // Log level: debug, info, warning, error.
   std::string log_level = "info";
+  // State file (SFLB_STATE_FILE): key states, counters and blocks survive restarts. Default:
+  // "sflb-state.json" beside the keys file.
+  std::string state_file;
+  // Cooldown of a 429 whose limit is unknown, and the cap for backoff (per-day limits excepted).
+  absl::Duration default_cooldown = absl::Seconds(60);
+  absl::Duration max_cooldown = absl::Minutes(30);
+  // How long a replica named to probe a half-open scope has before another is named.
+  absl::Duration probe_timeout = absl::Seconds(10);
 };
 
 // Declares every controlplane setting on `parser`, bound to `options`.

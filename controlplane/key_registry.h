@@ -17,6 +17,8 @@
 #include "common/clock.h"
 #include "common/keys_file.h"
 #include "common/mutex.h"
+#include "controlplane/scope_blocks.h"
+#include "nlohmann/json.hpp"
 #include "sflb/v1/admin_service.pb.h"
 #include "sflb/v1/key_service.pb.h"
 #include "sflb/v1/keys.pb.h"
@@ -35,7 +37,7 @@ struct ReplaceResult {
 class KeyRegistry {
  public:
   // `clock` must outlive the registry.
-  explicit KeyRegistry(Clock* clock);
+  explicit KeyRegistry(Clock* clock, ScopeBlockOptions block_options = ScopeBlockOptions());
   KeyRegistry(const KeyRegistry&) = delete;
   KeyRegistry& operator=(const KeyRegistry&) = delete;
 
@@ -49,12 +51,41 @@ class KeyRegistry {
   // Returns fewer (possibly none) only when no key is active.
   v1::LeaseResponse Lease(uint32_t count);
 
-  // Adds a replica's usage counters. Ids of retired keys are ignored.
-  void ApplyUsage(const v1::ReportRequest& report);
+  // Applies a replica's report: usage counters, then outcomes in order (401 -> INVALID,
+  // 403 -> DEPLETED or a forbidden model, 429 -> a scope block, probe success -> block lifted).
+  // Ids of retired keys are ignored. Returns the key state changes it caused, for the audit.
+  struct StateChange {
+    std::string fingerprint;
+    v1::KeyState from = v1::KEY_STATE_UNSPECIFIED;
+    v1::KeyState to = v1::KEY_STATE_UNSPECIFIED;
+    std::string reason;
+    std::string actor;
+  };
+  std::vector<StateChange> ApplyReport(const v1::ReportRequest& report);
 
   // Sets a key's state (operator or health logic). Returns false for an unknown id. Bumps the
   // version and records a delta when the state changed.
-  bool SetState(uint64_t id, v1::KeyState state, std::string reason, absl::Time until);
+  bool SetState(uint64_t id, v1::KeyState state, std::string reason, absl::Time until,
+                std::string actor = "");
+
+  // Operator action on a key. NOT_FOUND for an unknown id; INVALID_ARGUMENT for a bad action
+  // or duration. Returns the key's new status.
+  absl::StatusOr<v1::KeyStatus> ApplyAction(uint64_t id, v1::KeyAction action,
+                                            absl::Duration duration, const std::string& reason,
+                                            const std::string& actor);
+  // A key with its blocks and an explanation of why it is (not) used.
+  absl::StatusOr<v1::GetKeyResponse> Explain(uint64_t id) const;
+
+  // Time-driven transitions: key cooldowns that ended, block phases (see ScopeBlocks). Call
+  // every ~100 ms with the replicas that currently watch.
+  void Tick(const std::vector<std::string>& replicas);
+
+  // Persistent state (per-key state and counters by fingerprint, blocks) as JSON, and its
+  // restoration after the key set was loaded. Keys not in the key set are ignored.
+  nlohmann::json ExportState() const;
+  void ImportState(const nlohmann::json& state);
+  // Bumps on every change worth persisting (states, blocks); counters are saved with them.
+  uint64_t state_generation() const;
 
   // The whole key set, for a new Watch stream.
   v1::Snapshot BuildSnapshot() const;
@@ -74,6 +105,8 @@ class KeyRegistry {
   std::vector<v1::KeyStatus> ListKeys(v1::KeyState filter) const;
   // Fills the pool-wide fields of `out` (keys, totals, version, leased_total).
   void FillStats(v1::GetStatsResponse* out) const;
+  // Current blocks.
+  std::vector<v1::ScopeBlock> Blocks() const;
 
   // Resolves an operator's key reference: an index ("3"), a fingerprint (or unique prefix of 6+
   // hex digits) or a registry id ("id:17"). NOT_FOUND or INVALID_ARGUMENT (ambiguous) otherwise.
@@ -96,16 +129,26 @@ class KeyRegistry {
     uint64_t prompt_tokens = 0;
     uint64_t completion_tokens = 0;
     absl::Time added_at;
+    std::vector<std::string> forbidden_models;
+    int state_status = 0;
+    std::string state_message;
+    std::string state_actor;
   };
   // One version step. `full` marks a reload: watchers behind it get a snapshot.
   struct Change {
     uint64_t version = 0;
     bool full = false;
     std::vector<uint64_t> upserted;
+    bool blocks = false;
   };
 
   void BumpVersion(Change change) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RebuildActive() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Sets state fields of `e`; returns false if nothing changed.
+  bool Transition(Entry* e, v1::KeyState state, std::string reason, absl::Time until,
+                  int status, std::string message, std::string actor,
+                  std::vector<StateChange>* changes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  size_t AccountCount() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static void FillUpstreamKey(const Entry& e, v1::UpstreamKey* out);
   static void FillStatus(const Entry& e, v1::KeyStatus* out);
 
@@ -125,6 +168,8 @@ class KeyRegistry {
   uint64_t version_ ABSL_GUARDED_BY(mu_) = 1;
   // Recent version steps, oldest first, at most kMaxChanges.
   std::deque<Change> changes_ ABSL_GUARDED_BY(mu_);
+  ScopeBlocks blocks_ ABSL_GUARDED_BY(mu_);
+  uint64_t state_generation_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace sflb

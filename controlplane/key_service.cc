@@ -32,6 +32,10 @@ grpc::Status KeyServiceImpl::Watch(grpc::ServerContext* context, const v1::Watch
   grpc::Status valid = CheckReplicaId(request->replica_id());
   if (!valid.ok()) return valid;
   watchers_.fetch_add(1);
+  {
+    MutexLock lock(&replicas_mu_);
+    replicas_.insert(request->replica_id());
+  }
   LogInfo("watch_opened", {{"replica", request->replica_id()}, {"peer", context->peer()}});
 
   v1::WatchResponse first;
@@ -55,6 +59,11 @@ grpc::Status KeyServiceImpl::Watch(grpc::ServerContext* context, const v1::Watch
     last_write = absl::Now();
   }
   watchers_.fetch_sub(1);
+  {
+    MutexLock lock(&replicas_mu_);
+    auto it = replicas_.find(request->replica_id());
+    if (it != replicas_.end()) replicas_.erase(it);
+  }
   LogInfo("watch_closed", {{"replica", request->replica_id()}});
   if (shutting_down_.load()) {
     return grpc::Status(grpc::StatusCode::UNAVAILABLE, "controlplane shutting down");
@@ -70,6 +79,7 @@ grpc::Status KeyServiceImpl::Lease(grpc::ServerContext* context, const v1::Lease
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "count must be at least 1");
   }
   *response = registry_->Lease(std::min(request->count(), kMaxLease));
+  lease_calls_.fetch_add(1);
   return grpc::Status::OK;
 }
 
@@ -78,16 +88,30 @@ grpc::Status KeyServiceImpl::Report(grpc::ServerContext* context,
                                     v1::ReportResponse* response) {
   grpc::Status valid = CheckReplicaId(request->replica_id());
   if (!valid.ok()) return valid;
-  registry_->ApplyUsage(*request);
   for (const v1::KeyOutcome& outcome : request->outcomes()) {
     LogInfo("key_outcome", {{"replica", request->replica_id()},
                             {"key_id", outcome.key_id()},
                             {"kind", v1::OutcomeKind_Name(outcome.kind())},
                             {"status", outcome.http_status()},
-                            {"model", outcome.model()}});
+                            {"model", outcome.model()},
+                            {"probe", outcome.probe()}});
   }
+  for (const KeyRegistry::StateChange& c : registry_->ApplyReport(*request)) {
+    LogWarning("key_state_changed", {{"key", c.fingerprint},
+                                     {"from", v1::KeyState_Name(c.from)},
+                                     {"to", v1::KeyState_Name(c.to)},
+                                     {"reason", c.reason},
+                                     {"actor", c.actor}});
+  }
+  report_calls_.fetch_add(1);
   response->set_snapshot_version(registry_->version());
   return grpc::Status::OK;
+}
+
+std::vector<std::string> KeyServiceImpl::replica_ids() const {
+  MutexLock lock(&replicas_mu_);
+  std::set<std::string> unique(replicas_.begin(), replicas_.end());
+  return std::vector<std::string>(unique.begin(), unique.end());
 }
 
 }  // namespace sflb

@@ -4,8 +4,12 @@
 #define SFLB_CONTROLPLANE_KEY_SERVICE_H_
 
 #include <atomic>
+#include <set>
+#include <string>
+#include <vector>
 
 #include "absl/time/time.h"
+#include "common/mutex.h"
 #include "controlplane/key_registry.h"
 #include "sflb/v1/key_service.grpc.pb.h"
 
@@ -29,12 +33,20 @@ class KeyServiceImpl final : public v1::KeyService::Service {
   void Shutdown() { shutting_down_.store(true); }
   // Open Watch streams.
   uint32_t watching_replicas() const { return watchers_.load(); }
+  // Ids of the replicas with an open Watch stream (sorted, unique).
+  std::vector<std::string> replica_ids() const;
+  uint64_t lease_calls() const { return lease_calls_.load(); }
+  uint64_t report_calls() const { return report_calls_.load(); }
 
  private:
   KeyRegistry* const registry_;
   const absl::Duration heartbeat_;
   std::atomic<bool> shutting_down_{false};
   std::atomic<uint32_t> watchers_{0};
+  std::atomic<uint64_t> lease_calls_{0};
+  std::atomic<uint64_t> report_calls_{0};
+  mutable Mutex replicas_mu_;
+  std::multiset<std::string> replicas_ ABSL_GUARDED_BY(replicas_mu_);
 };
 
 }  // namespace sflb

@@ -25,7 +25,9 @@ ControlplaneLink::ControlplaneLink(Options options, KeyPool* pool, ReportBuffer*
       pool_(pool),
       reports_(reports),
       channel_(MakeControlplaneChannel(options_.address)),
-      stub_(v1::KeyService::NewStub(channel_)) {}
+      stub_(v1::KeyService::NewStub(channel_)) {
+  pool_->SetReplicaId(options_.replica_id);
+}
 
 ControlplaneLink::~ControlplaneLink() { Stop(); }
 
@@ -78,6 +80,7 @@ void ControlplaneLink::WatchLoop() {
       last_watch_message_ms_.store(absl::ToUnixMillis(absl::Now()));
       if (response.has_snapshot()) {
         pool_->ApplySnapshot(response.snapshot());
+        pool_->SetConnected(true);
         if (!connected_.exchange(true)) {
           LogInfo("controlplane_connected", {{"address", options_.address},
                                              {"version", response.snapshot().version()},
@@ -100,6 +103,7 @@ void ControlplaneLink::WatchLoop() {
       watch_context_ = nullptr;
     }
     bool was_connected = connected_.exchange(false);
+    pool_->SetConnected(false);
     if (stopping_.load()) break;
     if (resync) continue;
     if (was_connected || !logged_down) {

@@ -227,6 +227,11 @@ void RegisterDataplaneOptions(OptionParser* parser, DataplaneOptions* o) {
                       "Longest wait for the upstream's response head (a model may think long)");
   parser->AddDuration("idle-timeout", "SFLB_IDLE_TIMEOUT", &o->idle_timeout,
                       "Longest silence between upstream body bytes");
+  parser->AddDuration("stream-first-byte-timeout", "SFLB_STREAM_FIRST_BYTE_TIMEOUT",
+                      &o->stream_first_byte_timeout,
+                      "A stream with no first byte by then is abandoned and retried on another key");
+  parser->AddDuration("default-cooldown", "SFLB_DEFAULT_COOLDOWN", &o->default_cooldown,
+                      "Local cooldown after a 429 that names no limit (until the controlplane's)");
   parser->AddString("upstream-ca-file", "SFLB_UPSTREAM_CA_FILE", &o->upstream_ca_file,
                     "Extra CA bundle (PEM) trusted for the upstream, besides the system store");
   parser->AddInt("max-attempts", "SFLB_MAX_ATTEMPTS", &o->max_attempts, 1, 20,
@@ -295,6 +300,8 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
   dp->link = std::make_unique<ControlplaneLink>(link_options, &dp->pool, &dp->reports);
   ProxyOptions proxy_options;
   proxy_options.max_attempts = static_cast<int>(options.max_attempts);
+  proxy_options.stream_first_byte_timeout = options.stream_first_byte_timeout;
+  proxy_options.cooldown.default_cooldown = options.default_cooldown;
   dp->proxy = std::make_unique<Proxy>(proxy_options, dp->upstream.get(), &dp->pool, &dp->reports);
   dp->auth = std::make_unique<ClientAuth>(options.api_key, options.admin_key);
 

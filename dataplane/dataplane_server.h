@@ -29,6 +29,10 @@ struct DataplaneOptions {
   absl::Duration connect_timeout = absl::Seconds(10);
   absl::Duration first_byte_timeout = absl::Minutes(10);
   absl::Duration idle_timeout = absl::Minutes(5);
+  // A stream whose first body byte takes longer is retried on another key.
+  absl::Duration stream_first_byte_timeout = absl::Seconds(60);
+  // Local cooldown after a 429 that names no limit (the controlplane decides the real one).
+  absl::Duration default_cooldown = absl::Seconds(60);
   // Extra CA bundle for the upstream (PEM), e.g. a corporate proxy's CA.
   std::string upstream_ca_file;
   // Upstream attempts per request, each on a different key.

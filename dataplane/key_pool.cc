@@ -5,15 +5,22 @@
 
 #include "absl/random/random.h"
 #include "absl/time/clock.h"
+#include "common/time_format.h"
 
 namespace sflb {
 namespace {
 
 bool IsEligible(const PoolKey& key) { return key.state == v1::KEY_STATE_ACTIVE; }
 
-bool Contains(const std::vector<uint64_t>& ids, uint64_t id) {
-  return std::find(ids.begin(), ids.end(), id) != ids.end();
+template <typename T>
+bool Contains(const std::vector<T>& items, const T& item) {
+  return std::find(items.begin(), items.end(), item) != items.end();
 }
+
+constexpr char kAll[] = "*";
+// While connected, a local block only bridges the time until the controlplane's block arrives.
+constexpr absl::Duration kLocalOverlap = absl::Seconds(5);
+constexpr absl::Duration kLostProbe = absl::Seconds(60);
 
 }  // namespace
 
@@ -33,7 +40,18 @@ std::shared_ptr<const PoolKey> KeyPool::MakeKey(const v1::UpstreamKey& key) {
   out->account = key.account();
   out->state = key.state();
   out->index = key.index();
+  if (key.has_state_until()) out->state_until = FromProtoTime(key.state_until());
+  out->forbidden_models.assign(key.forbidden_models().begin(), key.forbidden_models().end());
   return out;
+}
+
+void KeyPool::CopyBlocks(const google::protobuf::RepeatedPtrField<v1::ScopeBlock>& blocks,
+                         KeySetView* view) {
+  view->blocks.clear();
+  for (const v1::ScopeBlock& b : blocks) {
+    view->blocks[{b.account(), b.model()}] =
+        Block{b.phase(), FromProtoTime(b.until()), b.probe_replica()};
+  }
 }
 
 void KeyPool::Index(KeySetView* view) {
@@ -53,6 +71,7 @@ void KeyPool::ApplySnapshot(const v1::Snapshot& snapshot) {
   view->keys.reserve(static_cast<size_t>(snapshot.keys_size()));
   for (const v1::UpstreamKey& key : snapshot.keys()) view->keys.push_back(MakeKey(key));
   Index(view.get());
+  CopyBlocks(snapshot.blocks(), view.get());
   auto keys = std::make_shared<const std::vector<std::shared_ptr<const PoolKey>>>(view->keys);
   MutexLock lock(&mu_);
   if (view_ != nullptr && view_->epoch != view->epoch) {
@@ -73,12 +92,18 @@ bool KeyPool::ApplyDelta(const v1::SnapshotDelta& delta) {
   auto view = std::make_shared<KeySetView>();
   view->version = delta.version();
   view->epoch = current->epoch;
+  if (delta.blocks_changed()) {
+    CopyBlocks(delta.blocks(), view.get());
+  } else {
+    view->blocks = current->blocks;
+  }
   absl::flat_hash_map<uint64_t, std::shared_ptr<const PoolKey>> upserts;
   for (const v1::UpstreamKey& key : delta.upserted()) upserts[key.id()] = MakeKey(key);
   std::vector<uint64_t> removed(delta.removed_ids().begin(), delta.removed_ids().end());
+  auto removed_contains = [&removed](uint64_t id) { return Contains(removed, id); };
   view->keys.reserve(current->keys.size());
   for (const auto& key : current->keys) {
-    if (Contains(removed, key->id)) continue;
+    if (removed_contains(key->id)) continue;
     auto it = upserts.find(key->id);
     if (it != upserts.end()) {
       view->keys.push_back(it->second);
@@ -115,10 +140,75 @@ uint32_t KeyPool::BatchSize() {
                                                   options_.max_lease));
 }
 
-PickResult KeyPool::Pick(const std::vector<uint64_t>& exclude) {
-  PickResult result;
+KeyPool::Verdict KeyPool::JudgeBlock(const Scope& scope, absl::Time now, absl::Time* until,
+                                     Scope* probe_scope) {
+  auto it = view_->blocks.find(scope);
+  if (it != view_->blocks.end()) {
+    const Block& b = it->second;
+    if (b.phase == v1::BLOCK_PHASE_COOLING && now < b.until) {
+      *until = std::max(*until, b.until);
+      return Verdict::kBlocked;
+    }
+    // Half-open (or cooling that ended and awaits the controlplane's probe assignment): only
+    // the named replica may send one probe.
+    bool mine = b.phase == v1::BLOCK_PHASE_HALF_OPEN && !b.probe_replica.empty() &&
+                b.probe_replica == replica_id_;
+    auto probing = probing_.find(scope);
+    bool in_flight = probing != probing_.end() && now - probing->second < kLostProbe;
+    if (!mine || in_flight) {
+      *until = std::max(*until, now + absl::Seconds(1));
+      return Verdict::kBlocked;
+    }
+    *probe_scope = scope;
+    return Verdict::kProbe;
+  }
+  auto local = local_blocks_.find(scope);
+  if (local != local_blocks_.end()) {
+    absl::Time end = connected_ ? std::min(local->second.until, local->second.created + kLocalOverlap)
+                                : local->second.until;
+    if (now < end) {
+      *until = std::max(*until, local->second.until);
+      return Verdict::kBlocked;
+    }
+  }
+  return Verdict::kUse;
+}
+
+KeyPool::Verdict KeyPool::Judge(const PoolKey& key, const std::string& model, absl::Time now,
+                                absl::Time* until, Scope* probe_scope) {
+  if (key.state == v1::KEY_STATE_COOLING && key.state_until != absl::InfinitePast()) {
+    *until = std::max(*until, key.state_until);
+    return Verdict::kBlocked;
+  }
+  if (!IsEligible(key)) return Verdict::kUnusable;
+  if (!model.empty() && Contains(key.forbidden_models, model)) return Verdict::kUnusable;
+  Verdict verdict = Verdict::kUse;
+  for (const Scope& scope : {Scope{kAll, model}, Scope{kAll, kAll}, Scope{key.account, model},
+                             Scope{key.account, kAll}}) {
+    absl::Time scope_until = absl::InfinitePast();
+    Verdict v = JudgeBlock(scope, now, &scope_until, probe_scope);
+    if (v == Verdict::kBlocked) {
+      *until = std::max(*until, scope_until);
+      return Verdict::kBlocked;
+    }
+    if (v == Verdict::kProbe) verdict = Verdict::kProbe;
+  }
+  return verdict;
+}
+
+PickResult KeyPool::Pick(const PickRequest& request) {
   MutexLock lock(&mu_);
   ++picks_in_window_;
+  return PickLocked(request, /*consume=*/true);
+}
+
+PickResult KeyPool::Peek(const PickRequest& request) {
+  MutexLock lock(&mu_);
+  return PickLocked(request, /*consume=*/false);
+}
+
+PickResult KeyPool::PickLocked(const PickRequest& request, bool consume) {
+  PickResult result;
   if (view_ == nullptr) {
     result.failure = PickFailure::kNoSnapshot;
     return result;
@@ -127,28 +217,93 @@ PickResult KeyPool::Pick(const std::vector<uint64_t>& exclude) {
     result.failure = PickFailure::kNoKeys;
     return result;
   }
-  while (!lease_.empty()) {
+  absl::Time now = absl::Now();
+  absl::Time earliest = absl::InfiniteFuture();
+  bool any_blocked = false;
+  Scope probe_scope;
+  auto consider = [&](const std::shared_ptr<const PoolKey>& key, bool avoid_accounts) {
+    if (Contains(request.exclude, key->id)) return false;
+    if (avoid_accounts && Contains(request.avoid_accounts, key->account)) return false;
+    absl::Time until = absl::InfinitePast();
+    Verdict v = Judge(*key, request.model, now, &until, &probe_scope);
+    if (v == Verdict::kBlocked) {
+      any_blocked = true;
+      earliest = std::min(earliest, until);
+      return false;
+    }
+    if (v == Verdict::kUnusable) return false;
+    result.key = key;
+    if (v == Verdict::kProbe) {
+      result.probe = true;
+      if (consume) probing_[probe_scope] = now;
+    }
+    return true;
+  };
+  // Leased assignments first: they are this replica's share of the global sequence. An entry
+  // that cannot serve this request is dropped (it would be stale by the time another could).
+  while (consume && !lease_.empty()) {
     uint64_t id = lease_.front();
     lease_.pop_front();
     auto it = view_->by_id.find(id);
-    if (it == view_->by_id.end() || !IsEligible(*it->second) || Contains(exclude, id)) continue;
-    result.key = it->second;
-    result.from_lease = true;
-    break;
+    if (it == view_->by_id.end()) continue;
+    if (consider(it->second, /*avoid_accounts=*/true)) {
+      result.from_lease = true;
+      break;
+    }
+  }
+  // Local round robin: first avoiding accounts this request saw fail, then any.
+  for (int pass = 0; result.key == nullptr && pass < 2; ++pass) {
+    const auto& eligible = view_->eligible;
+    uint64_t cursor = local_cursor_;
+    for (size_t tried = 0; tried < eligible.size(); ++tried) {
+      if (consider(eligible[cursor++ % eligible.size()], pass == 0)) break;
+    }
+    if (consume) local_cursor_ = cursor;
   }
   if (result.key == nullptr) {
-    const auto& eligible = view_->eligible;
-    for (size_t tried = 0; tried < eligible.size(); ++tried) {
-      const auto& candidate = eligible[local_cursor_++ % eligible.size()];
-      if (!Contains(exclude, candidate->id)) {
-        result.key = candidate;
-        break;
+    result.failure = PickFailure::kNoneEligible;
+    result.rate_limited = any_blocked;
+    if (any_blocked) result.retry_at = earliest;
+  }
+  if (consume && lease_.size() < BatchSize() / 2) lease_need_.Signal();
+  return result;
+}
+
+void KeyPool::AddLocalBlock(const std::string& account, const std::string& model,
+                            absl::Time until) {
+  MutexLock lock(&mu_);
+  LocalBlock& b = local_blocks_[{account, model}];
+  b.until = std::max(b.until, until);
+  b.created = absl::Now();
+  // Forget expired ones now and then.
+  if (local_blocks_.size() > 1024) {
+    absl::Time now = absl::Now();
+    for (auto it = local_blocks_.begin(); it != local_blocks_.end();) {
+      if (it->second.until < now) {
+        local_blocks_.erase(it++);
+      } else {
+        ++it;
       }
     }
   }
-  if (result.key == nullptr) result.failure = PickFailure::kNoneEligible;
-  if (lease_.size() < BatchSize() / 2) lease_need_.Signal();
-  return result;
+}
+
+void KeyPool::ProbeDone(const std::string& account, const std::string& model) {
+  MutexLock lock(&mu_);
+  for (const Scope& scope : {Scope{account, model}, Scope{account, kAll}, Scope{kAll, model},
+                             Scope{kAll, kAll}}) {
+    probing_.erase(scope);
+  }
+}
+
+void KeyPool::SetConnected(bool connected) {
+  MutexLock lock(&mu_);
+  connected_ = connected;
+}
+
+void KeyPool::SetReplicaId(std::string replica_id) {
+  MutexLock lock(&mu_);
+  replica_id_ = std::move(replica_id);
 }
 
 uint32_t KeyPool::WaitForLeaseNeed(absl::Duration timeout) {

@@ -15,9 +15,11 @@
 #include <deque>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/hash/hash.h"
 #include "absl/time/time.h"
 #include "common/mutex.h"
 #include "sflb/v1/key_service.pb.h"
@@ -34,6 +36,8 @@ struct PoolKey {
   std::string account;
   v1::KeyState state = v1::KEY_STATE_UNSPECIFIED;
   uint32_t index = 0;
+  absl::Time state_until = absl::InfinitePast();
+  std::vector<std::string> forbidden_models;
 };
 
 // Why Pick() found nothing.
@@ -47,10 +51,26 @@ enum class PickFailure {
   kNoneEligible,
 };
 
+// What a request needs from the pool.
+struct PickRequest {
+  // The request's model ("" when it names none): scopes and forbidden models depend on it.
+  std::string model;
+  // Keys this request already tried: never again.
+  std::vector<uint64_t> exclude;
+  // Accounts this request already saw fail: only if nothing else is left.
+  std::vector<std::string> avoid_accounts;
+};
+
 struct PickResult {
   std::shared_ptr<const PoolKey> key;  // null on failure
   PickFailure failure = PickFailure::kNone;
   bool from_lease = false;
+  // This request is the half-open probe of its scope: report its outcome with probe=true and
+  // call ProbeDone() when it is known.
+  bool probe = false;
+  // On kNoneEligible: some keys are only rate limited; the earliest time one reopens.
+  bool rate_limited = false;
+  absl::Time retry_at = absl::InfinitePast();
 };
 
 class KeyPool {
@@ -75,9 +95,23 @@ class KeyPool {
   // Drops all leased assignments (e.g. after a controlplane restart: a new epoch).
   void ClearLease();
 
-  // Picks the key for the next upstream attempt, skipping `exclude` (keys this request already
-  // tried). See the class comment.
-  PickResult Pick(const std::vector<uint64_t>& exclude = {});
+  // Picks the key for the next upstream attempt. See the class comment and PickRequest.
+  PickResult Pick(const PickRequest& request);
+  PickResult Pick() { return Pick(PickRequest()); }
+  // Like Pick, but consumes nothing and starts no probe: tells whether a request for the model
+  // could be served now, and if not whether the pool is rate limited and until when.
+  PickResult Peek(const PickRequest& request);
+
+  // This replica saw a 429 on (account, model): keep requests off the scope until `until`
+  // without waiting for the controlplane. While connected, the controlplane's blocks take over
+  // after a short overlap; while disconnected the local block holds for its whole length.
+  void AddLocalBlock(const std::string& account, const std::string& model, absl::Time until);
+  // The probe of (account, model) finished (either way).
+  void ProbeDone(const std::string& account, const std::string& model);
+  // Whether the controlplane stream is up (set by ControlplaneLink).
+  void SetConnected(bool connected);
+  // Name of this replica, to recognise probe assignments.
+  void SetReplicaId(std::string replica_id);
 
   // Waits up to `timeout` until the lease queue has fallen below its refill mark. Returns the
   // batch size to request then, or 0 on timeout / when no refill is needed.
@@ -94,13 +128,34 @@ class KeyPool {
   std::shared_ptr<const std::vector<std::shared_ptr<const PoolKey>>> keys() const;
 
  private:
+  using Scope = std::pair<std::string, std::string>;  // (account, model)
+  struct Block {
+    v1::BlockPhase phase = v1::BLOCK_PHASE_COOLING;
+    absl::Time until;
+    std::string probe_replica;
+  };
   struct KeySetView {
     uint64_t version = 0;
     std::string epoch;
     std::vector<std::shared_ptr<const PoolKey>> keys;  // file order
     absl::flat_hash_map<uint64_t, std::shared_ptr<const PoolKey>> by_id;
-    std::vector<std::shared_ptr<const PoolKey>> eligible;
+    std::vector<std::shared_ptr<const PoolKey>> eligible;  // state ACTIVE
+    absl::flat_hash_map<Scope, Block> blocks;
   };
+  struct LocalBlock {
+    absl::Time until;
+    absl::Time created;
+  };
+  enum class Verdict { kUse, kProbe, kBlocked, kUnusable };
+  // Whether `key` may serve `model` now; fills *until for kBlocked and *probe_scope for kProbe.
+  Verdict Judge(const PoolKey& key, const std::string& model, absl::Time now, absl::Time* until,
+                Scope* probe_scope) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Verdict JudgeBlock(const Scope& scope, absl::Time now, absl::Time* until, Scope* probe_scope)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  PickResult PickLocked(const PickRequest& request, bool consume)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static void CopyBlocks(const google::protobuf::RepeatedPtrField<v1::ScopeBlock>& blocks,
+                         KeySetView* view);
   static std::shared_ptr<const PoolKey> MakeKey(const v1::UpstreamKey& key);
   static void Index(KeySetView* view);
   uint32_t BatchSize() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -116,6 +171,11 @@ class KeyPool {
   uint64_t picks_in_window_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Time window_start_ ABSL_GUARDED_BY(mu_);
   double picks_per_second_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::flat_hash_map<Scope, LocalBlock> local_blocks_ ABSL_GUARDED_BY(mu_);
+  // Probes in flight on this replica, with their start (a lost probe is forgotten after 60 s).
+  absl::flat_hash_map<Scope, absl::Time> probing_ ABSL_GUARDED_BY(mu_);
+  bool connected_ ABSL_GUARDED_BY(mu_) = false;
+  std::string replica_id_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace sflb

@@ -7,6 +7,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "absl/types/optional.h"
+#include "common/cooldown_policy.h"
 #include "common/log.h"
 #include "common/time_format.h"
 #include "dataplane/error_response.h"
@@ -76,6 +78,8 @@ struct StreamState {
   std::shared_ptr<const PoolKey> key;
   ReportBuffer* reports = nullptr;
   std::shared_ptr<RequestRecord> record;
+  // Body bytes read before committing (the first piece of a stream), sent first.
+  std::string pending;
   bool sse = false;
   // SSE bookkeeping: whether the bytes forwarded so far end at an event boundary, and the
   // current partial line (to find usage objects).
@@ -141,46 +145,60 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
   upstream.body = body;
 
   auto cancel = std::make_shared<CancelToken>();
-  std::vector<uint64_t> tried;
-  // The last upstream answer that was not committed, returned as-is if no attempt succeeds.
+  PickRequest pick_request;
+  pick_request.model = summary.model;
+  // The last upstream answer that was not committed, returned if no attempt succeeds.
   struct Held {
     ResponseHead head;
     std::string body;
   };
   std::unique_ptr<Held> held;
   absl::Status last_transport_error;
-  PickFailure pick_failure = PickFailure::kNone;
+  PickResult last_pick;
+  std::string first_piece;  // a streamed response's first body bytes, read before committing
+
+  auto report = [this, &summary](const PoolKey& key, v1::OutcomeKind kind, int status,
+                                 std::string message, absl::optional<absl::Duration> retry_after,
+                                 bool probe, absl::Time when) {
+    v1::KeyOutcome outcome;
+    outcome.set_key_id(key.id);
+    outcome.set_kind(kind);
+    outcome.set_http_status(status);
+    outcome.set_model(summary.model);
+    if (message.size() > 512) message.resize(512);
+    outcome.set_message(std::move(message));
+    if (retry_after.has_value()) *outcome.mutable_retry_after() = ToProtoDuration(*retry_after);
+    outcome.set_probe(probe);
+    *outcome.mutable_observed_at() = ToProtoTime(when);
+    reports_->RecordOutcome(std::move(outcome));
+  };
 
   for (int attempt = 1; attempt <= options_.max_attempts; ++attempt) {
-    PickResult pick = pool_->Pick(tried);
-    if (pick.key == nullptr) {
-      pick_failure = pick.failure;
-      break;
-    }
-    std::shared_ptr<const PoolKey> key = std::move(pick.key);
-    tried.push_back(key->id);
+    last_pick = pool_->Pick(pick_request);
+    if (last_pick.key == nullptr) break;
+    std::shared_ptr<const PoolKey> key = last_pick.key;
+    const bool probe = last_pick.probe;
+    pick_request.exclude.push_back(key->id);
     result.attempts = attempt;
     result.key_fingerprints.push_back(key->fingerprint);
     upstream.headers[auth_index].value = absl::StrCat("Bearer ", key->secret);
     absl::Time now = absl::Now();
     reports_->RecordRequest(key->id, now);
+    auto finish_probe = [&] {
+      if (probe) pool_->ProbeDone(key->account, summary.model);
+    };
 
     absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent = client_->Send(upstream, nullptr, cancel);
     if (!sent.ok()) {
       last_transport_error = sent.status();
-      v1::KeyOutcome outcome;
-      outcome.set_key_id(key->id);
-      outcome.set_kind(v1::OUTCOME_KIND_TRANSPORT_ERROR);
-      outcome.set_model(summary.model);
-      outcome.set_message(std::string(sent.status().message()).substr(0, 512));
-      *outcome.mutable_observed_at() = ToProtoTime(now);
-      reports_->RecordOutcome(std::move(outcome));
+      report(*key, v1::OUTCOME_KIND_TRANSPORT_ERROR, 0, std::string(sent.status().message()),
+             absl::nullopt, probe, now);
+      finish_probe();
       LogWarning("upstream_transport_error", {{"request_id", request_id},
                                               {"key", key->fingerprint},
                                               {"attempt", attempt},
                                               {"error", std::string(sent.status().message())}});
-      // A request sflb could not even send is safe to try on another key; a timeout after
-      // sending may have reached the model, but no byte reached the client either way.
+      // Nothing reached the client: safe to try another key.
       continue;
     }
     std::unique_ptr<UpstreamExchange> exchange = std::move(*sent);
@@ -192,24 +210,62 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
       auto failed = std::make_unique<Held>();
       failed->head = head;
       absl::Status read = ReadAll(exchange.get(), 64 * 1024, &failed->body);
-      v1::KeyOutcome outcome;
-      outcome.set_key_id(key->id);
-      outcome.set_kind(OutcomeFor(head.status));
-      outcome.set_http_status(head.status);
-      outcome.set_model(summary.model);
-      outcome.set_message(ErrorMessageOf(failed->body));
-      *outcome.mutable_observed_at() = ToProtoTime(now);
-      reports_->RecordOutcome(std::move(outcome));
+      std::string message = ErrorMessageOf(failed->body);
+      absl::optional<absl::Duration> retry_after;
+      if (const std::string* ra = head.Find("Retry-After")) retry_after = ParseRetryAfter(*ra, now);
+      report(*key, OutcomeFor(head.status), head.status, message, retry_after, probe, now);
+      finish_probe();
+      if (head.status == 429) {
+        // Keep this replica off the (account, model) scope right away; the controlplane's
+        // block reaches every replica within a round trip.
+        CooldownDecision cooldown =
+            ComputeCooldown(retry_after, message, now, 1, 0.5, options_.cooldown);
+        pool_->AddLocalBlock(key->account, summary.model, now + cooldown.duration);
+        pick_request.avoid_accounts.push_back(key->account);
+      }
       LogWarning("upstream_key_failure", {{"request_id", request_id},
                                           {"key", key->fingerprint},
                                           {"attempt", attempt},
-                                          {"status", head.status}});
+                                          {"status", head.status},
+                                          {"probe", probe}});
       if (read.ok()) {
         held = std::move(failed);
+      } else {
+        last_transport_error = read;
+      }
+      continue;
+    }
+
+    // A stream must show its first byte before sflb commits to it: a stall here is retried.
+    bool streamed = head.framing == BodyFraming::kChunked ||
+                    head.framing == BodyFraming::kUntilClose ||
+                    (head.framing == BodyFraming::kContentLength &&
+                     static_cast<size_t>(head.content_length) > options_.buffer_limit);
+    if (streamed && summary.stream && head.status < 300 && req.method != "HEAD") {
+      absl::Time deadline = absl::Now() + options_.stream_first_byte_timeout;
+      absl::StatusOr<absl::string_view> first =
+          exchange->ReadSome([deadline] { return absl::Now() >= deadline; });
+      if (!first.ok()) {
+        bool stalled = first.status().code() == absl::StatusCode::kCancelled;
+        last_transport_error =
+            stalled ? absl::DeadlineExceededError(absl::StrCat(
+                          "no first byte within ",
+                          absl::FormatDuration(options_.stream_first_byte_timeout)))
+                    : first.status();
+        report(*key, v1::OUTCOME_KIND_TRANSPORT_ERROR, head.status,
+               std::string(last_transport_error.message()), absl::nullopt, probe, now);
+        finish_probe();
+        LogWarning("upstream_stream_stalled", {{"request_id", request_id},
+                                               {"key", key->fingerprint},
+                                               {"attempt", attempt},
+                                               {"error", std::string(last_transport_error.message())}});
         continue;
       }
-      last_transport_error = read;
-      continue;
+      first_piece.assign(first->data(), first->size());
+    }
+    if (probe) {
+      report(*key, v1::OUTCOME_KIND_SUCCESS, head.status, "", absl::nullopt, true, now);
+      finish_probe();
     }
 
     // Commit: this response goes to the client.
@@ -264,9 +320,14 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
     state->record = record;
     state->sse = absl::StartsWithIgnoreCase(content_type, "text/event-stream");
     state->started = absl::Now();
+    state->pending = std::move(first_piece);
     auto provider = [state](size_t /*offset*/, httplib::DataSink& sink) -> bool {
-      absl::StatusOr<absl::string_view> piece =
-          state->exchange->ReadSome([&sink] { return !sink.is_writable(); });
+      absl::StatusOr<absl::string_view> piece;
+      if (!state->pending.empty()) {
+        piece = absl::string_view(state->pending);
+      } else {
+        piece = state->exchange->ReadSome([&sink] { return !sink.is_writable(); });
+      }
       if (!piece.ok()) {
         if (piece.status().code() == absl::StatusCode::kCancelled) {
           state->record->stream_end = "client_disconnected";
@@ -295,7 +356,9 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
       }
       if (state->sse) state->ScanSse(*piece);
       state->bytes += piece->size();
-      if (!sink.write(piece->data(), piece->size())) {
+      bool written = sink.write(piece->data(), piece->size());
+      state->pending.clear();
+      if (!written) {
         state->record->stream_end = "client_disconnected";
         return false;
       }
@@ -326,8 +389,13 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
   }
 
   // No attempt was committed.
-  if (held != nullptr) {
-    // Every key failed: hand the client the upstream's own last answer.
+  auto set_retry_after = [&res](absl::Time retry_at) {
+    int64_t seconds = absl::ToInt64Seconds(absl::Ceil(retry_at - absl::Now(), absl::Seconds(1)));
+    res.set_header("Retry-After", absl::StrCat(std::max<int64_t>(1, seconds)));
+  };
+  if (held != nullptr && (held->head.status == 502 || held->head.status == 503 ||
+                          held->head.status == 504)) {
+    // Upstream trouble on every try: hand the client the upstream's own last answer.
     res.status = held->head.status;
     result.status = held->head.status;
     std::string resp_connection;
@@ -339,7 +407,30 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
     res.body = std::move(held->body);
     return;
   }
-  if (!last_transport_error.ok()) {
+  // Is the pool rate limited (429) or out of usable keys (503)?
+  PickResult probe_pick = last_pick;
+  if (probe_pick.key != nullptr || !probe_pick.rate_limited) {
+    PickRequest fresh;
+    fresh.model = summary.model;
+    // Ask without this request's exclusions to learn the pool's state for the model.
+    probe_pick = pool_->Peek(fresh);
+  }
+  bool rate_limited = (held != nullptr && held->head.status == 429) || probe_pick.rate_limited;
+  if (rate_limited) {
+    // Other accounts may still be open (this request ran out of attempts): retry soon.
+    absl::Time retry_at = probe_pick.rate_limited ? probe_pick.retry_at
+                                                  : absl::Now() + absl::Seconds(1);
+    result.error_code = "rate_limited";
+    SetOpenAiError(res, 429,
+                   absl::StrCat("All SiliconFlow keys", summary.model.empty() ? "" : " for model ",
+                                summary.model,
+                                " are rate limited right now; retry after the Retry-After delay"),
+                   "rate_limit_error", result.error_code);
+    set_retry_after(retry_at);
+    result.status = 429;
+    return;
+  }
+  if (held == nullptr && !last_transport_error.ok()) {
     bool timeout = last_transport_error.code() == absl::StatusCode::kDeadlineExceeded;
     int status = timeout ? 504 : 502;
     result.error_code = timeout ? "upstream_timeout" : "upstream_unavailable";
@@ -350,7 +441,7 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
     result.status = status;
     return;
   }
-  switch (pick_failure) {
+  switch (last_pick.failure) {
     case PickFailure::kNoSnapshot:
       result.error_code = "no_key_set";
       SetOpenAiError(res, 503,
@@ -364,13 +455,17 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
       break;
     default:
       result.error_code = "no_usable_key";
-      SetOpenAiError(res, 503, "no SiliconFlow API key is usable right now",
+      SetOpenAiError(res, 503,
+                     held != nullptr
+                         ? absl::StrCat("no usable SiliconFlow key: the last one tried was refused (",
+                                        held->head.status, ")")
+                         : std::string("no SiliconFlow key is usable right now (all invalid, "
+                                       "depleted, disabled or refused for this model)"),
                      "service_unavailable", result.error_code);
       break;
   }
-  res.set_header("Retry-After", "5");
+  res.set_header("Retry-After", "30");
   result.status = 503;
-  return;
 }
 
 }  // namespace sflb

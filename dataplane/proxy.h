@@ -12,6 +12,7 @@
 #include <string>
 
 #include "absl/time/time.h"
+#include "common/cooldown_policy.h"
 #include "dataplane/key_pool.h"
 #include "dataplane/report_buffer.h"
 #include "dataplane/request_record.h"
@@ -21,8 +22,14 @@
 namespace sflb {
 
 struct ProxyOptions {
-  // Upstream attempts per client request, each on a different key.
+  // Upstream attempts per client request, each on a different key (and, after a 429, a
+  // different account).
   int max_attempts = 3;
+  // A streamed response whose first body byte does not arrive within this is abandoned and
+  // retried on another key (nothing has reached the client yet).
+  absl::Duration stream_first_byte_timeout = absl::Seconds(60);
+  // Local cooldowns after a 429 (the controlplane's decision replaces them).
+  CooldownOptions cooldown;
   // Responses with a Content-Length up to this size are read whole before answering (one
   // write to the client, usage read from the body); larger ones and chunked ones stream.
   size_t buffer_limit = 256 * 1024;

@@ -170,7 +170,7 @@ TEST_F(KeyRegistryTest, ReplaceKeepsIdStateAndCountersOfStayingKeys) {
   ASSERT_TRUE(registry_.SetState(id3, v1::KEY_STATE_DISABLED, "operator", absl::InfinitePast()));
   v1::ReportRequest report;
   *report.add_usage() = Usage(id1, 5, 100, 50, clock_.Now());
-  registry_.ApplyUsage(report);
+  registry_.ApplyReport(report);
 
   clock_.Advance(absl::Minutes(1));
   ReplaceResult r =
@@ -377,9 +377,9 @@ TEST_F(KeyRegistryTest, ConcurrentLeasesStayEven) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// ApplyUsage
+// ApplyReport (usage)
 
-TEST_F(KeyRegistryTest, ApplyUsageSumsAndIgnoresUnknownIds) {
+TEST_F(KeyRegistryTest, ApplyReportSumsUsageAndIgnoresUnknownIds) {
   registry_.Replace(MakeKeys({Secret(1), Secret(2)}));
   const uint64_t a = IdOf(registry_, Secret(1));
   const uint64_t b = IdOf(registry_, Secret(2));
@@ -389,11 +389,11 @@ TEST_F(KeyRegistryTest, ApplyUsageSumsAndIgnoresUnknownIds) {
   v1::ReportRequest r1;
   *r1.add_usage() = Usage(a, 2, 10, 20, t1);
   *r1.add_usage() = Usage(9999, 100, 100, 100, t1);  // unknown: ignored
-  registry_.ApplyUsage(r1);
+  registry_.ApplyReport(r1);
   v1::ReportRequest r2;  // another replica, with an older last_used
   *r2.add_usage() = Usage(a, 3, 1, 2, t0);
   *r2.add_usage() = Usage(b, 1, 0, 0);
-  registry_.ApplyUsage(r2);
+  registry_.ApplyReport(r2);
 
   std::vector<v1::KeyStatus> list = registry_.ListKeys(v1::KEY_STATE_UNSPECIFIED);
   const v1::KeyStatus* ka = StatusOf(list, a);
@@ -411,13 +411,13 @@ TEST_F(KeyRegistryTest, ApplyUsageSumsAndIgnoresUnknownIds) {
   EXPECT_EQ(stats.total_requests(), 6u) << "the unknown id's 100 requests are not counted";
 }
 
-TEST_F(KeyRegistryTest, ApplyUsageIgnoresRetiredKeys) {
+TEST_F(KeyRegistryTest, ApplyReportIgnoresRetiredKeys) {
   registry_.Replace(MakeKeys({Secret(1), Secret(2)}));
   const uint64_t retired = IdOf(registry_, Secret(2));
   registry_.Replace(MakeKeys({Secret(1)}));
   v1::ReportRequest r;
   *r.add_usage() = Usage(retired, 7, 7, 7);
-  registry_.ApplyUsage(r);
+  registry_.ApplyReport(r);
   v1::GetStatsResponse stats;
   registry_.FillStats(&stats);
   EXPECT_EQ(stats.total_requests(), 0u);
@@ -627,7 +627,7 @@ TEST_F(KeyRegistryTest, ListKeysAndStatsNeverContainSecrets) {
                                  clock_.Now() + absl::Seconds(1)));
   v1::ReportRequest r;
   *r.add_usage() = Usage(IdOf(registry_, "12345678"), 1, 2, 3, clock_.Now());
-  registry_.ApplyUsage(r);
+  registry_.ApplyReport(r);
 
   std::vector<v1::KeyStatus> list = registry_.ListKeys(v1::KEY_STATE_UNSPECIFIED);
   ASSERT_THAT(list, SizeIs(secrets.size()));

@@ -52,11 +52,18 @@ v1::LeaseResponse MakeLease(std::vector<uint64_t> ids) {
   return lease;
 }
 
+// A pick that excludes `ids` (keys the request already tried).
+PickResult PickExcluding(KeyPool& pool, std::vector<uint64_t> ids) {
+  PickRequest request;
+  request.exclude = std::move(ids);
+  return pool.Pick(request);
+}
+
 // Picks `n` times and returns the ids (0 for a failed pick).
 std::vector<uint64_t> PickIds(KeyPool& pool, int n, const std::vector<uint64_t>& exclude = {}) {
   std::vector<uint64_t> out;
   for (int i = 0; i < n; ++i) {
-    PickResult r = pool.Pick(exclude);
+    PickResult r = PickExcluding(pool, exclude);
     out.push_back(r.key ? r.key->id : 0);
   }
   return out;
@@ -186,7 +193,7 @@ TEST(KeyPoolTest, ExcludeIsHonouredForLeaseAndFallback) {
   KeyPool pool;
   pool.ApplySnapshot(MakeSnapshot(1, "e1", {{1}, {2}, {3}}));
   pool.AddLease(MakeLease({1, 2}));
-  PickResult r = pool.Pick({1});
+  PickResult r = PickExcluding(pool, {1});
   ASSERT_NE(r.key, nullptr);
   EXPECT_EQ(r.key->id, 2u);
   EXPECT_TRUE(r.from_lease);
@@ -194,7 +201,7 @@ TEST(KeyPoolTest, ExcludeIsHonouredForLeaseAndFallback) {
   // Fallback: only 3 is allowed, every time.
   for (uint64_t id : PickIds(pool, 10, {1, 2})) EXPECT_EQ(id, 3u);
 
-  PickResult none = pool.Pick({1, 2, 3});
+  PickResult none = PickExcluding(pool, {1, 2, 3});
   EXPECT_EQ(none.key, nullptr);
   EXPECT_EQ(none.failure, PickFailure::kNoneEligible);
 }
@@ -445,7 +452,7 @@ TEST(KeyPoolTest, ConcurrentPicksDuringSnapshotsAndDeltasAreSafe) {
   for (int t = 0; t < 4; ++t) {
     pickers.emplace_back([&] {
       while (!stop.load()) {
-        PickResult r = pool.Pick({2});
+        PickResult r = PickExcluding(pool, {2});
         if (r.key != nullptr) {
           EXPECT_NE(r.key->id, 2u);
           ++picked;
