@@ -1,5 +1,7 @@
 #include "controlplane/admin_service.h"
 
+#include <algorithm>
+
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -13,12 +15,27 @@ namespace sflb {
 
 AdminServiceImpl::AdminServiceImpl(std::string admin_key, KeyRegistry* registry,
                                    KeySource* source, const KeyServiceImpl* key_service,
-                                   absl::Time started_at)
+                                   AuditLog* audit, KeyBalances* balances, absl::Time started_at)
     : admin_key_(std::move(admin_key)),
       registry_(registry),
       source_(source),
       key_service_(key_service),
+      audit_(audit),
+      balances_(balances),
       started_at_(started_at) {}
+
+grpc::Status AdminServiceImpl::Audit(grpc::ServerContext* context, const char* method,
+                                     nlohmann::json details, const std::string& type) const {
+  if (audit_ == nullptr) return grpc::Status::OK;
+  details["method"] = method;
+  absl::Status written =
+      audit_->Append(AuditEntry{type, absl::StrCat("admin@", context->peer()), std::move(details)});
+  if (written.ok()) return grpc::Status::OK;
+  LogError("audit_write_failed", {{"method", method}, {"reason", std::string(written.message())}});
+  return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                      absl::StrCat("the audit log cannot be written, so the call was not "
+                                   "acknowledged: ", written.message()));
+}
 
 grpc::Status AdminServiceImpl::Authenticate(grpc::ServerContext* context,
                                             const char* method) const {
@@ -32,9 +49,13 @@ grpc::Status AdminServiceImpl::Authenticate(grpc::ServerContext* context,
     }
   }
   if (SecretEquals(presented, admin_key_)) return grpc::Status::OK;
-  LogWarning("admin_auth_failed", {{"method", method},
-                                   {"peer", context->peer()},
-                                   {"reason", it == metadata.end() ? "missing" : "wrong key"}});
+  const char* reason = it == metadata.end() ? "missing" : "wrong key";
+  LogWarning("admin_auth_failed", {{"method", method}, {"peer", context->peer()}, {"reason", reason}});
+  if (audit_ != nullptr) {
+    absl::Status written = audit_->Append(AuditEntry{
+        "auth_failed", context->peer(), {{"method", method}, {"reason", reason}}});
+    if (!written.ok()) LogError("audit_write_failed", {{"reason", std::string(written.message())}});
+  }
   return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                       it == metadata.end()
                           ? "admin key required: send 'authorization: Bearer <LB_ADMIN_KEY>'"
@@ -52,11 +73,29 @@ grpc::Status AdminServiceImpl::Reload(grpc::ServerContext* context,
     LogWarning("reload_failed", {{"reason", std::string(outcome.status().message())},
                                  {"peer", context->peer()},
                                  {"keys_kept", previous}});
+    grpc::Status audited = Audit(context, "Reload",
+                                 {{"result", "failed"},
+                                  {"error", std::string(outcome.status().message())},
+                                  {"keys_kept", previous},
+                                  {"reason", request->reason()}},
+                                 "reload");
+    if (!audited.ok()) return audited;
     // Whatever the loader's code, to the caller this is "the reload could not be applied".
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                         absl::StrCat("reload failed, keeping the ", previous,
                                      " running keys: ", outcome.status().message()));
   }
+  grpc::Status audited = Audit(context, "Reload",
+                               {{"result", "ok"},
+                                {"previous", outcome->change.previous_count},
+                                {"new", outcome->change.new_count},
+                                {"added", outcome->change.added},
+                                {"removed", outcome->change.removed},
+                                {"warnings", outcome->warnings},
+                                {"source", outcome->source},
+                                {"reason", request->reason()}},
+                               "reload");
+  if (!audited.ok()) return audited;
   response->set_previous_count(outcome->change.previous_count);
   response->set_new_count(outcome->change.new_count);
   for (const std::string& fp : outcome->change.added) response->add_added(fp);
@@ -80,6 +119,7 @@ grpc::Status AdminServiceImpl::GetStats(grpc::ServerContext* context,
                                         v1::GetStatsResponse* response) {
   grpc::Status auth = Authenticate(context, "GetStats");
   if (!auth.ok()) return auth;
+  if (grpc::Status a = Audit(context, "GetStats", nlohmann::json::object()); !a.ok()) return a;
   registry_->FillStats(response);
   *response->mutable_started_at() = ToProtoTime(started_at_);
   response->set_watching_replicas(key_service_->watching_replicas());
@@ -94,6 +134,10 @@ grpc::Status AdminServiceImpl::ListKeys(grpc::ServerContext* context,
                                         v1::ListKeysResponse* response) {
   grpc::Status auth = Authenticate(context, "ListKeys");
   if (!auth.ok()) return auth;
+  if (grpc::Status a = Audit(context, "ListKeys", {{"state", v1::KeyState_Name(request->state())}});
+      !a.ok()) {
+    return a;
+  }
   if (!v1::KeyState_IsValid(request->state())) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "unknown key state filter");
   }
@@ -108,6 +152,9 @@ grpc::Status AdminServiceImpl::GetKey(grpc::ServerContext* context,
                                       v1::GetKeyResponse* response) {
   grpc::Status auth = Authenticate(context, "GetKey");
   if (!auth.ok()) return auth;
+  if (grpc::Status a = Audit(context, "GetKey", {{"key", request->key().substr(0, 64)}}); !a.ok()) {
+    return a;
+  }
   absl::StatusOr<uint64_t> id = registry_->Resolve(request->key());
   if (!id.ok()) return ToGrpcStatus(id.status());
   absl::StatusOr<v1::GetKeyResponse> explained = registry_->Explain(*id);
@@ -131,16 +178,77 @@ grpc::Status AdminServiceImpl::SetKeyState(grpc::ServerContext* context,
   absl::StatusOr<uint64_t> id = registry_->Resolve(request->key());
   if (!id.ok()) return ToGrpcStatus(id.status());
   std::string actor = absl::StrCat("admin@", context->peer());
+  absl::StatusOr<v1::GetKeyResponse> before = registry_->Explain(*id);
   absl::StatusOr<v1::KeyStatus> status =
       registry_->ApplyAction(*id, request->action(), FromProtoDuration(request->duration()),
                              request->reason(), actor);
   if (!status.ok()) return ToGrpcStatus(status.status());
+  grpc::Status audited = Audit(
+      context, "SetKeyState",
+      {{"key", status->fingerprint()},
+       {"action", v1::KeyAction_Name(request->action())},
+       {"from", before.ok() ? v1::KeyState_Name(before->key().state()) : std::string("?")},
+       {"to", v1::KeyState_Name(status->state())},
+       {"duration_s", absl::ToDoubleSeconds(FromProtoDuration(request->duration()))},
+       {"reason", request->reason()}},
+      "key_state");
+  if (!audited.ok()) return audited;
   LogInfo("key_state_set", {{"key", status->fingerprint()},
                             {"action", v1::KeyAction_Name(request->action())},
                             {"state", v1::KeyState_Name(status->state())},
                             {"reason", request->reason()},
                             {"actor", actor}});
   *response->mutable_key() = std::move(*status);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminServiceImpl::GetBalances(grpc::ServerContext* context,
+                                           const v1::GetBalancesRequest* request,
+                                           v1::GetBalancesResponse* response) {
+  grpc::Status auth = Authenticate(context, "GetBalances");
+  if (!auth.ok()) return auth;
+  if (grpc::Status a = Audit(context, "GetBalances",
+                             {{"refresh", request->refresh()}, {"cached_only", request->cached_only()}});
+      !a.ok()) {
+    return a;
+  }
+  *response = balances_->Check(request->refresh(), request->cached_only() && !request->refresh());
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminServiceImpl::ReadAudit(grpc::ServerContext* context,
+                                         const v1::ReadAuditRequest* request,
+                                         v1::ReadAuditResponse* response) {
+  grpc::Status auth = Authenticate(context, "ReadAudit");
+  if (!auth.ok()) return auth;
+  if (audit_ == nullptr) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "the audit log is off (SFLB_AUDIT_LOG=off)");
+  }
+  // Following polls (after_seq set) are not themselves audited: they would feed the log they
+  // read. Every other read is.
+  if (request->after_seq() == 0) {
+    if (grpc::Status a = Audit(context, "ReadAudit", {{"limit", request->limit()}}); !a.ok()) return a;
+  }
+  if (request->limit() > 10000) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "limit must be at most 10000");
+  }
+  AuditQuery query;
+  if (request->has_since()) query.since = FromProtoTime(request->since());
+  query.after_seq = request->after_seq();
+  query.limit = request->limit() == 0 ? 100 : request->limit();
+  absl::Duration wait = std::min(FromProtoDuration(request->wait()), absl::Seconds(30));
+  if (wait > absl::ZeroDuration() && audit_->last_seq() <= query.after_seq) {
+    absl::Time deadline = absl::Now() + wait;
+    // Wait in slices so a cancelled call returns promptly.
+    while (!context->IsCancelled() && absl::Now() < deadline &&
+           audit_->WaitForAppend(query.after_seq, absl::Milliseconds(250)) <= query.after_seq) {
+    }
+  }
+  absl::StatusOr<std::vector<nlohmann::json>> entries = audit_->Read(query);
+  if (!entries.ok()) return ToGrpcStatus(entries.status());
+  for (const nlohmann::json& e : *entries) response->add_entries(e.dump());
+  response->set_last_seq(audit_->last_seq());
   return grpc::Status::OK;
 }
 

@@ -6,6 +6,8 @@
 #include <string>
 
 #include "absl/time/time.h"
+#include "controlplane/audit_log.h"
+#include "controlplane/key_balances.h"
 #include "controlplane/key_registry.h"
 #include "controlplane/key_service.h"
 #include "controlplane/key_source.h"
@@ -16,9 +18,11 @@ namespace sflb {
 // Thread-safe.
 class AdminServiceImpl final : public v1::AdminService::Service {
  public:
-  // All pointers must outlive the service. `admin_key` must not be empty.
+  // All pointers must outlive the service. `admin_key` must not be empty. `audit` may be null
+  // (audit disabled).
   AdminServiceImpl(std::string admin_key, KeyRegistry* registry, KeySource* source,
-                   const KeyServiceImpl* key_service, absl::Time started_at);
+                   const KeyServiceImpl* key_service, AuditLog* audit, KeyBalances* balances,
+                   absl::Time started_at);
 
   grpc::Status Reload(grpc::ServerContext* context, const v1::ReloadRequest* request,
                       v1::ReloadResponse* response) override;
@@ -30,15 +34,25 @@ class AdminServiceImpl final : public v1::AdminService::Service {
                       v1::GetKeyResponse* response) override;
   grpc::Status SetKeyState(grpc::ServerContext* context, const v1::SetKeyStateRequest* request,
                            v1::SetKeyStateResponse* response) override;
+  grpc::Status GetBalances(grpc::ServerContext* context, const v1::GetBalancesRequest* request,
+                           v1::GetBalancesResponse* response) override;
+  grpc::Status ReadAudit(grpc::ServerContext* context, const v1::ReadAuditRequest* request,
+                         v1::ReadAuditResponse* response) override;
 
  private:
-  // UNAUTHENTICATED unless the call carries the admin key. Logs failures with the peer.
+  // UNAUTHENTICATED unless the call carries the admin key. Logs and audits failures.
   grpc::Status Authenticate(grpc::ServerContext* context, const char* method) const;
+  // Records an admin call in the audit log (durably) before the call is acknowledged. A
+  // failing audit log fails the call with UNAVAILABLE: no unaudited admin operation.
+  grpc::Status Audit(grpc::ServerContext* context, const char* method, nlohmann::json details,
+                     const std::string& type = "admin_call") const;
 
   const std::string admin_key_;
   KeyRegistry* const registry_;
   KeySource* const source_;
   const KeyServiceImpl* const key_service_;
+  AuditLog* const audit_;
+  KeyBalances* const balances_;
   const absl::Time started_at_;
 };
 

@@ -1,8 +1,13 @@
 #include "controlplane/controlplane_server.h"
 
+#include <sys/stat.h>
+
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/mutex.h"
 #include "common/grpc_util.h"
@@ -12,6 +17,9 @@
 #include "controlplane/admin_service.h"
 #include "controlplane/key_registry.h"
 #include "controlplane/key_service.h"
+#include "controlplane/audit_log.h"
+#include "controlplane/balance_checker.h"
+#include "controlplane/key_balances.h"
 #include "controlplane/key_source.h"
 #include "controlplane/state_store.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -43,13 +51,43 @@ void RegisterControlplaneOptions(OptionParser* parser, ControlplaneOptions* opti
                       "Cap of the exponential backoff of repeated 429s (per-day limits excepted)");
   parser->AddDuration("probe-timeout", "SFLB_PROBE_TIMEOUT", &options->probe_timeout,
                       "Time a replica named to probe a half-open scope has before another is");
+  parser->AddString("audit-log", "SFLB_AUDIT_LOG", &options->audit_log,
+                    "Audit log (JSON Lines), or 'off' (default: sflb-audit.jsonl beside the keys "
+                    "file)");
+  parser->AddInt("audit-max-bytes", "SFLB_AUDIT_MAX_BYTES", &options->audit_max_bytes, 4096,
+                 int64_t{1} << 40, "Audit log size that triggers rotation");
+  parser->AddInt("audit-max-files", "SFLB_AUDIT_MAX_FILES", &options->audit_max_files, 0, 1000,
+                 "Rotated audit log files kept");
+  parser->AddDuration("balance-cache-ttl", "SFLB_BALANCE_CACHE_TTL", &options->balance_cache_ttl,
+                      "How long a fetched balance is served from the cache");
+  parser->AddInt("balance-concurrency", "SFLB_BALANCE_CONCURRENCY", &options->balance_concurrency,
+                 1, 256, "Balance requests to the upstream in parallel");
+  parser->AddDuration("balance-timeout", "SFLB_BALANCE_TIMEOUT", &options->balance_timeout,
+                      "Timeout of one balance request");
+  parser->AddDuration("balance-watch-interval", "SFLB_BALANCE_WATCH_INTERVAL",
+                      &options->balance_watch_interval,
+                      "How often every balance is refreshed in the background (0 = off)");
+  parser->AddString("depleted-threshold", "SFLB_DEPLETED_THRESHOLD", &options->depleted_threshold,
+                    "A known balance at or below this marks a key depleted");
+  parser->AddDuration("keys-file-poll", "SFLB_KEYS_FILE_POLL", &options->keys_file_poll,
+                      "How often the keys file is checked for changes and reloaded (0 = never)");
 }
 
-std::string DefaultStateFile(const std::string& keys_file) {
+std::string FileBeside(const std::string& keys_file, const std::string& name) {
   size_t slash = keys_file.rfind('/');
   std::string dir = slash == std::string::npos ? "" : keys_file.substr(0, slash + 1);
-  return dir + "sflb-state.json";
+  return dir + name;
 }
+
+// Identity of the keys file's content as far as stat tells (follows symlinks, so a Kubernetes
+// Secret's atomic symlink swap shows up).
+std::string FileStamp(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return "missing";
+  return absl::StrCat(st.st_ino, ":", st.st_size, ":", st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec);
+}
+
+
 
 absl::Status ValidateControlplaneOptions(const ControlplaneOptions& options) {
   if (options.admin_key.empty()) {
@@ -65,6 +103,12 @@ absl::Status ValidateControlplaneOptions(const ControlplaneOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("SFLB_LOG_LEVEL: unknown level '", options.log_level, "'"));
   }
+  double threshold;
+  if (!absl::SimpleAtod(options.depleted_threshold, &threshold) || !std::isfinite(threshold)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "SFLB_DEPLETED_THRESHOLD: expected a number like 0 or 0.5, got '",
+        options.depleted_threshold, "'"));
+  }
   return absl::OkStatus();
 }
 
@@ -76,9 +120,38 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
   block_options.probe_timeout = options.probe_timeout;
   KeyRegistry registry(RealClock::Get(), block_options);
   KeySource source(options.keys_file, env, &registry);
-  StateStore state_store(options.state_file.empty() ? DefaultStateFile(options.keys_file)
-                                                    : options.state_file);
+  StateStore state_store(options.state_file.empty()
+                             ? FileBeside(options.keys_file, "sflb-state.json")
+                             : options.state_file);
+  std::unique_ptr<AuditLog> audit;
+  if (options.audit_log != "off") {
+    AuditLogOptions audit_options;
+    audit_options.path = options.audit_log.empty()
+                             ? FileBeside(options.keys_file, "sflb-audit.jsonl")
+                             : options.audit_log;
+    audit_options.max_bytes = static_cast<uint64_t>(options.audit_max_bytes);
+    audit_options.max_files = static_cast<int>(options.audit_max_files);
+    absl::StatusOr<std::unique_ptr<AuditLog>> opened = AuditLog::Open(audit_options);
+    if (!opened.ok()) return opened.status();
+    audit = std::move(*opened);
+  }
+  auto audit_event = [&audit](const std::string& type, const std::string& actor,
+                              nlohmann::json details) {
+    if (audit == nullptr) return;
+    absl::Status w = audit->Append(AuditEntry{type, actor, std::move(details)});
+    if (!w.ok()) LogError("audit_write_failed", {{"reason", std::string(w.message())}});
+  };
+  BalanceCheckerOptions balance_options;
+  balance_options.base_url = options.base_url;
+  balance_options.timeout = options.balance_timeout;
+  balance_options.max_concurrency = static_cast<int>(options.balance_concurrency);
+  balance_options.cache_ttl = options.balance_cache_ttl;
+  BalanceChecker balance_checker(balance_options);
+  double threshold = 0;
+  absl::SimpleAtod(options.depleted_threshold, &threshold);
+  KeyBalances balances(&registry, &balance_checker, audit.get(), threshold);
 
+  std::string keys_stamp = FileStamp(options.keys_file);
   absl::StatusOr<ReloadOutcome> initial = source.Reload();
   if (initial.ok()) {
     LogInfo("keys_loaded", {{"count", initial->change.new_count},
@@ -102,8 +175,39 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
                                   {"reason", std::string(saved.status().message())}});
   }
 
-  KeyServiceImpl key_service(&registry, options.watch_heartbeat);
-  AdminServiceImpl admin_service(options.admin_key, &registry, &source, &key_service, started_at);
+  KeyServiceImpl key_service(&registry, options.watch_heartbeat, audit.get());
+  AdminServiceImpl admin_service(options.admin_key, &registry, &source, &key_service, audit.get(),
+                                 &balances, started_at);
+  audit_event("start", "controlplane",
+              {{"keys", registry.size()}, {"source", source.current_source()}});
+
+  // One place for reloads not made through the AdminService (SIGHUP, a changed keys file).
+  auto reload = [&](const std::string& trigger) {
+    absl::StatusOr<ReloadOutcome> outcome = source.Reload();
+    if (outcome.ok()) {
+      LogInfo("keys_reloaded", {{"trigger", trigger},
+                                {"previous", outcome->change.previous_count},
+                                {"new", outcome->change.new_count},
+                                {"added", outcome->change.added},
+                                {"removed", outcome->change.removed},
+                                {"warnings", outcome->warnings}});
+      audit_event("reload", trigger,
+                  {{"result", "ok"},
+                   {"previous", outcome->change.previous_count},
+                   {"new", outcome->change.new_count},
+                   {"added", outcome->change.added},
+                   {"removed", outcome->change.removed},
+                   {"warnings", outcome->warnings},
+                   {"source", outcome->source}});
+    } else {
+      LogWarning("reload_failed",
+                 {{"trigger", trigger}, {"reason", std::string(outcome.status().message())}});
+      audit_event("reload", trigger,
+                  {{"result", "failed"},
+                   {"error", std::string(outcome.status().message())},
+                   {"keys_kept", registry.size()}});
+    }
+  };
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -146,31 +250,49 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
     saved_generation = generation;
     last_save = absl::Now();
   };
+  absl::Time next_keys_check = absl::Now() + options.keys_file_poll;
   std::thread maintenance([&] {
     MutexLock lock(&maintenance_mu);
     while (!stopping.load()) {
       maintenance_cv.WaitWithTimeout(&maintenance_mu, absl::Milliseconds(100));
       if (stopping.load()) break;
-      registry.Tick(key_service.replica_ids());
+      for (const KeyRegistry::StateChange& c : registry.Tick(key_service.replica_ids())) {
+        audit_event("key_state", c.actor,
+                    {{"key", c.fingerprint},
+                     {"from", v1::KeyState_Name(c.from)},
+                     {"to", v1::KeyState_Name(c.to)},
+                     {"reason", c.reason}});
+      }
       save_state(false);
+      if (options.keys_file_poll > absl::ZeroDuration() && absl::Now() >= next_keys_check) {
+        next_keys_check = absl::Now() + options.keys_file_poll;
+        std::string stamp = FileStamp(options.keys_file);
+        if (stamp != keys_stamp) {
+          keys_stamp = stamp;
+          if (stamp != "missing") reload("keys-file-watch");
+        }
+      }
+    }
+  });
+  // Background balance refresh: the first one after one interval, so start-up stays quiet.
+  std::thread balance_watch([&] {
+    if (options.balance_watch_interval <= absl::ZeroDuration()) return;
+    MutexLock lock(&maintenance_mu);
+    absl::Time next = absl::Now() + options.balance_watch_interval;
+    while (!stopping.load()) {
+      maintenance_cv.WaitWithDeadline(&maintenance_mu, std::min(next, absl::Now() + absl::Seconds(1)));
+      if (stopping.load() || absl::Now() < next) continue;
+      maintenance_mu.Unlock();
+      balances.Check(/*refresh=*/false, /*cached_only=*/false);
+      maintenance_mu.Lock();
+      next = absl::Now() + options.balance_watch_interval;
     }
   });
 
   for (;;) {
     int sig = WaitForSignal(absl::Seconds(1));
     if (sig == SIGHUP) {
-      absl::StatusOr<ReloadOutcome> outcome = source.Reload();
-      if (outcome.ok()) {
-        LogInfo("keys_reloaded", {{"trigger", "SIGHUP"},
-                                  {"previous", outcome->change.previous_count},
-                                  {"new", outcome->change.new_count},
-                                  {"added", outcome->change.added},
-                                  {"removed", outcome->change.removed},
-                                  {"warnings", outcome->warnings}});
-      } else {
-        LogWarning("reload_failed", {{"trigger", "SIGHUP"},
-                                     {"reason", std::string(outcome.status().message())}});
-      }
+      reload("SIGHUP");
       continue;
     }
     if (sig == SIGTERM || sig == SIGINT) {
@@ -184,6 +306,7 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
     maintenance_cv.SignalAll();
   }
   maintenance.join();
+  balance_watch.join();
   key_service.Shutdown();
   if (grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService()) {
     health->Shutdown();
@@ -191,6 +314,7 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
   server->Shutdown(absl::ToChronoTime(absl::Now() + options.shutdown_grace));
   server->Wait();
   save_state(true);
+  audit_event("stop", "controlplane", nlohmann::json::object());
   LogInfo("stopped", {{"state_file", state_store.path()}});
   return absl::OkStatus();
 }

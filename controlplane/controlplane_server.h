@@ -35,6 +35,20 @@ struct ControlplaneOptions {
   absl::Duration max_cooldown = absl::Minutes(30);
   // How long a replica named to probe a half-open scope has before another is named.
   absl::Duration probe_timeout = absl::Seconds(10);
+  // Audit log (SFLB_AUDIT_LOG), "off" to disable. Default: "sflb-audit.jsonl" beside the keys
+  // file. Rotated at `audit_max_bytes`, `audit_max_files` kept.
+  std::string audit_log;
+  int64_t audit_max_bytes = 64 << 20;
+  int64_t audit_max_files = 5;
+  // Balances: cache lifetime, upstream calls in parallel, per-call timeout, how often all
+  // balances are refreshed in the background (0 = only on request), depletion threshold.
+  absl::Duration balance_cache_ttl = absl::Minutes(5);
+  int64_t balance_concurrency = 8;
+  absl::Duration balance_timeout = absl::Seconds(10);
+  absl::Duration balance_watch_interval = absl::Minutes(5);
+  std::string depleted_threshold = "0";
+  // How often the keys file is checked for changes (reloaded when it changed); 0 = never.
+  absl::Duration keys_file_poll = absl::Seconds(2);
 };
 
 // Declares every controlplane setting on `parser`, bound to `options`.

@@ -111,7 +111,12 @@ ReplaceResult KeyRegistry::Replace(const KeySet& keys) {
       entry->added_at = now;
       result.added.push_back(entry->fingerprint);
     }
-    entry->account = spec.account.empty() ? entry->fingerprint : spec.account;
+    if (!spec.account.empty()) {
+      entry->account = spec.account;
+    } else if (entry->account_explicit || entry->account.empty()) {
+      entry->account = entry->fingerprint;  // keeps an account learned from a balance check
+    }
+    entry->account_explicit = !spec.account.empty();
     entry->index = static_cast<uint32_t>(next.size());
     // A reload is the operator's "try these keys again": invalid and depleted keys and refused
     // models get another chance; disabled keys and cooldowns stay.
@@ -333,7 +338,8 @@ absl::StatusOr<v1::GetKeyResponse> KeyRegistry::Explain(uint64_t id) const {
   return out;
 }
 
-void KeyRegistry::Tick(const std::vector<std::string>& replicas) {
+std::vector<KeyRegistry::StateChange> KeyRegistry::Tick(const std::vector<std::string>& replicas) {
+  std::vector<StateChange> changes;
   MutexLock lock(&mu_);
   absl::Time now = clock_->Now();
   Change change;
@@ -341,7 +347,7 @@ void KeyRegistry::Tick(const std::vector<std::string>& replicas) {
     if (e->state == v1::KEY_STATE_COOLING && e->state_until != absl::InfinitePast() &&
         now >= e->state_until) {
       Transition(e.get(), v1::KEY_STATE_ACTIVE, "cooldown ended", absl::InfinitePast(), 0, "",
-                 "controlplane", nullptr);
+                 "controlplane", &changes);
       change.upserted.push_back(e->id);
     }
   }
@@ -351,6 +357,35 @@ void KeyRegistry::Tick(const std::vector<std::string>& replicas) {
     ++state_generation_;
     BumpVersion(std::move(change));
   }
+  return changes;
+}
+
+std::vector<KeyRegistry::BalanceKey> KeyRegistry::BalanceKeys() const {
+  std::vector<BalanceKey> out;
+  MutexLock lock(&mu_);
+  out.reserve(keys_.size());
+  for (const auto& e : keys_) {
+    out.push_back({e->id, e->index, e->secret, e->fingerprint, e->state == v1::KEY_STATE_ACTIVE});
+  }
+  return out;
+}
+
+bool KeyRegistry::AssignAccounts(
+    const std::vector<std::pair<uint64_t, std::string>>& account_ids) {
+  MutexLock lock(&mu_);
+  Change change;
+  for (const auto& [id, account_id] : account_ids) {
+    auto it = by_id_.find(id);
+    if (it == by_id_.end() || it->second->account_explicit || account_id.empty()) continue;
+    std::string account = absl::StrCat("acct:", account_id);
+    if (it->second->account == account) continue;
+    it->second->account = account;
+    change.upserted.push_back(id);
+  }
+  if (change.upserted.empty()) return false;
+  ++state_generation_;
+  BumpVersion(std::move(change));
+  return true;
 }
 
 nlohmann::json KeyRegistry::ExportState() const {
@@ -372,7 +407,8 @@ nlohmann::json KeyRegistry::ExportState() const {
                                                       ? int64_t{0}
                                                       : absl::ToUnixMillis(e->last_used)},
                             {"prompt_tokens", e->prompt_tokens},
-                            {"completion_tokens", e->completion_tokens}};
+                            {"completion_tokens", e->completion_tokens},
+                            {"learned_account", e->account_explicit ? std::string() : e->account}};
   }
   return {{"version", 1}, {"keys", keys}, {"blocks", blocks_.ToJson()}};
 }
@@ -411,6 +447,8 @@ void KeyRegistry::ImportState(const nlohmann::json& state) {
       e->last_used = last_ms == 0 ? absl::InfinitePast() : absl::FromUnixMillis(last_ms);
       e->prompt_tokens = k.value("prompt_tokens", uint64_t{0});
       e->completion_tokens = k.value("completion_tokens", uint64_t{0});
+      std::string learned = k.value("learned_account", "");
+      if (!e->account_explicit && absl::StartsWith(learned, "acct:")) e->account = learned;
     }
   }
   auto blocks = state.find("blocks");

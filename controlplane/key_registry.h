@@ -77,8 +77,22 @@ class KeyRegistry {
   absl::StatusOr<v1::GetKeyResponse> Explain(uint64_t id) const;
 
   // Time-driven transitions: key cooldowns that ended, block phases (see ScopeBlocks). Call
-  // every ~100 ms with the replicas that currently watch.
-  void Tick(const std::vector<std::string>& replicas);
+  // every ~100 ms with the replicas that currently watch. Returns the key state changes.
+  std::vector<StateChange> Tick(const std::vector<std::string>& replicas);
+
+  // Balance integration. Every key with what a balance check needs (the secret included: for
+  // the controlplane's own upstream calls only).
+  struct BalanceKey {
+    uint64_t id = 0;
+    uint32_t index = 0;
+    std::string secret;
+    std::string fingerprint;
+    bool active = false;
+  };
+  std::vector<BalanceKey> BalanceKeys() const;
+  // Keys whose account keys.txt did not name take the upstream account id (data.id) as their
+  // rate-limit scope. Returns true when any account changed.
+  bool AssignAccounts(const std::vector<std::pair<uint64_t, std::string>>& account_ids);
 
   // Persistent state (per-key state and counters by fingerprint, blocks) as JSON, and its
   // restoration after the key set was loaded. Keys not in the key set are ignored.
@@ -133,6 +147,8 @@ class KeyRegistry {
     int state_status = 0;
     std::string state_message;
     std::string state_actor;
+    // keys.txt named the account (else it comes from the balance check or the fingerprint).
+    bool account_explicit = false;
   };
   // One version step. `full` marks a reload: watchers behind it get a snapshot.
   struct Change {

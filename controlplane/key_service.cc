@@ -24,8 +24,9 @@ grpc::Status CheckReplicaId(const std::string& replica_id) {
 
 }  // namespace
 
-KeyServiceImpl::KeyServiceImpl(KeyRegistry* registry, absl::Duration heartbeat)
-    : registry_(registry), heartbeat_(heartbeat) {}
+KeyServiceImpl::KeyServiceImpl(KeyRegistry* registry, absl::Duration heartbeat,
+                               AuditLog* audit)
+    : registry_(registry), heartbeat_(heartbeat), audit_(audit) {}
 
 grpc::Status KeyServiceImpl::Watch(grpc::ServerContext* context, const v1::WatchRequest* request,
                                    grpc::ServerWriter<v1::WatchResponse>* writer) {
@@ -102,6 +103,14 @@ grpc::Status KeyServiceImpl::Report(grpc::ServerContext* context,
                                      {"to", v1::KeyState_Name(c.to)},
                                      {"reason", c.reason},
                                      {"actor", c.actor}});
+    if (audit_ != nullptr) {
+      absl::Status w = audit_->Append(AuditEntry{"key_state", c.actor,
+                                                 {{"key", c.fingerprint},
+                                                  {"from", v1::KeyState_Name(c.from)},
+                                                  {"to", v1::KeyState_Name(c.to)},
+                                                  {"reason", c.reason}}});
+      if (!w.ok()) LogError("audit_write_failed", {{"reason", std::string(w.message())}});
+    }
   }
   report_calls_.fetch_add(1);
   response->set_snapshot_version(registry_->version());

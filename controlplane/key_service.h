@@ -10,6 +10,7 @@
 
 #include "absl/time/time.h"
 #include "common/mutex.h"
+#include "controlplane/audit_log.h"
 #include "controlplane/key_registry.h"
 #include "sflb/v1/key_service.grpc.pb.h"
 
@@ -20,7 +21,8 @@ class KeyServiceImpl final : public v1::KeyService::Service {
  public:
   // `registry` must outlive the service. `heartbeat` is the longest a Watch stream stays
   // silent.
-  KeyServiceImpl(KeyRegistry* registry, absl::Duration heartbeat);
+  // `audit` may be null (audit off).
+  KeyServiceImpl(KeyRegistry* registry, absl::Duration heartbeat, AuditLog* audit = nullptr);
 
   grpc::Status Watch(grpc::ServerContext* context, const v1::WatchRequest* request,
                      grpc::ServerWriter<v1::WatchResponse>* writer) override;
@@ -41,6 +43,7 @@ class KeyServiceImpl final : public v1::KeyService::Service {
  private:
   KeyRegistry* const registry_;
   const absl::Duration heartbeat_;
+  AuditLog* const audit_;
   std::atomic<bool> shutting_down_{false};
   std::atomic<uint32_t> watchers_{0};
   std::atomic<uint64_t> lease_calls_{0};

@@ -13,7 +13,10 @@
 #include "common/signals.h"
 #include "common/time_format.h"
 #include "common/version.h"
+#include "common/grpc_util.h"
+#include "dataplane/admin_client.h"
 #include "dataplane/client_auth.h"
+#include "dataplane/legacy_api.h"
 #include "dataplane/controlplane_link.h"
 #include "dataplane/elastic_thread_pool.h"
 #include "dataplane/error_response.h"
@@ -42,6 +45,12 @@ bool IsPublicPath(absl::string_view path) {
   return path == "/info" || path == "/livez" || path == "/readyz";
 }
 
+// The old tool's own endpoints: they keep its error shapes.
+bool IsLegacyPath(absl::string_view path) {
+  return path == "/" || path == "/stats" || path == "/health" || path == "/balance" ||
+         path == "/reload-keys";
+}
+
 void SetJson(httplib::Response& res, const nlohmann::ordered_json& body, int status = 200) {
   res.status = status;
   res.set_content(body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace),
@@ -57,15 +66,44 @@ struct Dataplane {
   std::unique_ptr<ControlplaneLink> link;
   std::unique_ptr<Proxy> proxy;
   std::unique_ptr<ClientAuth> auth;
+  std::unique_ptr<AdminClient> admin;
   std::atomic<bool> draining{false};
   absl::Time started_at = absl::Now();
 
-  // "healthy" / "degraded" / "unhealthy" from what this replica can see.
-  std::string HealthStatus() const {
-    size_t eligible = pool.eligible_count();
-    if (!pool.has_snapshot() || eligible == 0) return "unhealthy";
-    if (!link->connected()) return "degraded";
-    return "healthy";
+  // The /stats object from the controlplane; from this replica's snapshot when the
+  // controlplane cannot be asked.
+  nlohmann::ordered_json StatsJson() {
+    absl::StatusOr<v1::GetStatsResponse> stats = admin->GetStats();
+    if (stats.ok()) {
+      absl::StatusOr<v1::GetBalancesResponse> balances =
+          admin->GetBalances(/*refresh=*/false, /*cached_only=*/true);
+      nlohmann::ordered_json out = LegacyStatsJson(*stats, balances.ok() ? &*balances : nullptr);
+      out["source"] = "controlplane";
+      return out;
+    }
+    nlohmann::ordered_json out;
+    auto keys = pool.keys();
+    size_t active = 0;
+    nlohmann::ordered_json rows = nlohmann::ordered_json::array();
+    if (keys != nullptr) {
+      for (const auto& k : *keys) {
+        bool is_active = k->state == v1::KEY_STATE_ACTIVE;
+        active += is_active ? 1 : 0;
+        rows.push_back({{"index", k->index + 1},
+                        {"requestCount", 0},
+                        {"lastUsed", "Never"},
+                        {"isActive", is_active},
+                        {"lastBalanceCheck", "Never"},
+                        {"fingerprint", k->fingerprint},
+                        {"account", k->account}});
+      }
+    }
+    out["totalKeys"] = keys == nullptr ? 0 : keys->size();
+    out["activeKeys"] = active;
+    out["keyStats"] = std::move(rows);
+    out["source"] = "local snapshot (controlplane unreachable: counters unavailable)";
+    out["controlplaneError"] = std::string(stats.status().message());
+    return out;
   }
 };
 
@@ -86,9 +124,14 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
                                {"path", req.path},
                                {"reason", req.has_header("Authorization") ? "wrong key"
                                                                           : "missing key"}});
-    SetOpenAiError(res, 401,
-                   "Invalid or missing API key. Send 'Authorization: Bearer <LB_API_KEY>'.",
-                   "invalid_request_error", "invalid_api_key");
+    if (IsLegacyPath(req.path)) {
+      SetLegacyError(res, 401, "Unauthorized",
+                     "Valid API key required. Use Authorization: Bearer <your-key>");
+    } else {
+      SetOpenAiError(res, 401,
+                     "Invalid or missing API key. Send 'Authorization: Bearer <LB_API_KEY>'.",
+                     "invalid_request_error", "invalid_api_key");
+    }
     // The request body (if any) was not read; do not reuse the connection.
     res.set_header("Connection", "close");
     return httplib::Server::HandlerResponse::Handled;
@@ -120,17 +163,20 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
 
   server.Get("/info", [dp](const httplib::Request&, httplib::Response& res) {
     nlohmann::ordered_json body;
-    body["name"] = "SiliconFlow API Load Balancer (sflb)";
+    body["name"] = "SiliconFlow API Load Balancer";
+    body["implementation"] = "sflb";
     body["version"] = kVersion;
     body["status"] = "running";
     body["authentication"] = "required";
     body["endpoints"] = {
-        {"/", "Status and statistics (user key)"},
-        {"/info", "This description (no authentication)"},
-        {"/health", "Health of this replica and the key pool (user key)"},
+        {"/", "Basic info and stats (requires API key)"},
+        {"/health", "Health check (requires API key)"},
+        {"/stats", "Load balancer statistics (requires API key)"},
+        {"/balance", "Balance check (requires API key)"},
+        {"/reload-keys", "Reload API keys (requires admin key)"},
         {"/livez", "Liveness probe (no authentication)"},
         {"/readyz", "Readiness probe (no authentication)"},
-        {"/v1/*", "SiliconFlow API, forwarded with a pooled key (user key)"}};
+        {"/*", "Proxy to SiliconFlow API (requires API key)"}};
     SetJson(res, body);
   });
   server.Get("/livez", [](const httplib::Request&, httplib::Response& res) {
@@ -142,15 +188,72 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
     res.set_content(ready ? "ready\n" : "not ready\n", "text/plain");
   });
   server.Get("/health", [dp](const httplib::Request&, httplib::Response& res) {
+    nlohmann::ordered_json stats = dp->StatsJson();
+    size_t total = dp->pool.key_count();
+    size_t usable = dp->pool.eligible_count();
     nlohmann::ordered_json body;
-    std::string status = dp->HealthStatus();
-    body["status"] = status;
+    body["status"] = HealthStatus(dp->pool.has_snapshot(), dp->link->connected(), total, usable);
     body["timestamp"] = FormatIso8601(absl::Now());
-    body["stats"] = {{"totalKeys", dp->pool.key_count()},
-                     {"activeKeys", dp->pool.eligible_count()},
-                     {"controlplaneConnected", dp->link->connected()},
-                     {"snapshotVersion", dp->pool.version()}};
-    SetJson(res, body, status == "unhealthy" ? 503 : 200);
+    body["stats"] = std::move(stats);
+    body["replica"] = {{"id", dp->options.replica_id},
+                       {"controlplaneConnected", dp->link->connected()},
+                       {"snapshotVersion", dp->pool.version()},
+                       {"totalKeys", total},
+                       {"usableKeys", usable},
+                       {"draining", dp->draining.load()}};
+    // The old tool always answered 200; a monitoring system reads "status".
+    SetJson(res, body);
+  });
+  server.Get("/", [dp](const httplib::Request&, httplib::Response& res) {
+    nlohmann::ordered_json body;
+    body["message"] = "SiliconFlow API Load Balancer";
+    body["status"] = "running";
+    body["stats"] = dp->StatsJson();
+    SetJson(res, body);
+  });
+  server.Get("/stats", [dp](const httplib::Request&, httplib::Response& res) {
+    SetJson(res, dp->StatsJson());
+  });
+  server.Get("/balance", [dp](const httplib::Request& req, httplib::Response& res) {
+    bool refresh = req.get_param_value("refresh") == "true";
+    absl::StatusOr<v1::GetBalancesResponse> balances = dp->admin->GetBalances(refresh);
+    if (!balances.ok()) {
+      nlohmann::ordered_json body;
+      body["success"] = false;
+      body["error"] = "Failed to check balance";
+      body["message"] = std::string(balances.status().message());
+      SetJson(res, body, 503);
+      return;
+    }
+    SetJson(res, LegacyBalanceJson(*balances, absl::Now()));
+  });
+  server.Post("/reload-keys", [dp](const httplib::Request& req, httplib::Response& res) {
+    if (dp->auth->Check(req.get_header_value("Authorization")) != ClientRole::kAdmin) {
+      SetLegacyError(res, 403, "Forbidden", "Admin API key required for this operation");
+      return;
+    }
+    nlohmann::ordered_json body;
+    body["timestamp"] = FormatIso8601(absl::Now());
+    absl::StatusOr<v1::ReloadResponse> reload =
+        dp->admin->Reload(absl::StrCat("POST /reload-keys from ", req.remote_addr, " via ",
+                                       dp->options.replica_id));
+    if (reload.ok()) {
+      body["success"] = true;
+      body["message"] = absl::StrCat("Successfully reloaded API keys. Previous: ",
+                                     reload->previous_count(), ", New: ", reload->new_count());
+      body["keyCount"] = reload->new_count();
+      body["added"] = std::vector<std::string>(reload->added().begin(), reload->added().end());
+      body["removed"] =
+          std::vector<std::string>(reload->removed().begin(), reload->removed().end());
+      body["warnings"] =
+          std::vector<std::string>(reload->warnings().begin(), reload->warnings().end());
+      SetJson(res, body);
+      return;
+    }
+    body["success"] = false;
+    body["message"] = std::string(reload.status().message());
+    body["keyCount"] = dp->pool.key_count();
+    SetJson(res, body, reload.status().code() == absl::StatusCode::kFailedPrecondition ? 400 : 503);
   });
 
   // Everything else is the SiliconFlow API.
@@ -164,6 +267,16 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
     record->path = req.path;
     record->request_bytes = body.size();
     std::string path = StripVersionPrefix(SplitTarget(req.target).first);
+    if ((path == "/user/info" || absl::StartsWith(path, "/user/info/")) &&
+        dp->auth->Check(req.get_header_value("Authorization")) != ClientRole::kAdmin) {
+      // A pool key's account data (balance, identity) is for operators: see /balance.
+      SetOpenAiError(res, 403, "user/info of the pooled keys is not available through sflb; "
+                               "operators can use /balance or 'sflbctl balance'",
+                     "permission_error", "forbidden_endpoint");
+      record->status = 403;
+      record->error_code = "forbidden_endpoint";
+      return;
+    }
     dp->proxy->Forward(req, path, std::move(body), record, res);
     record->status = res.status;
   };
@@ -304,6 +417,9 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
   proxy_options.cooldown.default_cooldown = options.default_cooldown;
   dp->proxy = std::make_unique<Proxy>(proxy_options, dp->upstream.get(), &dp->pool, &dp->reports);
   dp->auth = std::make_unique<ClientAuth>(options.api_key, options.admin_key);
+  dp->admin = std::make_unique<AdminClient>(MakeControlplaneChannel(options.controlplane),
+                                            options.admin_key, absl::Seconds(5),
+                                            absl::Seconds(1));
 
   httplib::Server server;
   size_t max_connections = static_cast<size_t>(options.max_connections);

@@ -204,7 +204,7 @@ absl::Status TestCluster::WaitForKeyCount(int i, size_t total_keys, absl::Durati
     if (res) {
       last = res->body;
       nlohmann::json body = nlohmann::json::parse(res->body, nullptr, false);
-      if (body.is_object() && body["stats"].value("totalKeys", size_t{0}) == total_keys) {
+      if (body.is_object() && body["replica"].value("totalKeys", size_t{0}) == total_keys) {
         return absl::OkStatus();
       }
     }

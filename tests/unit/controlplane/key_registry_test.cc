@@ -1,5 +1,6 @@
 // Tests of controlplane/key_registry: the key set, its round robin, states, counters, version
-// history and operator views.
+// history and operator views, and key health: report outcomes, scope blocks, operator actions,
+// Tick, explanations and the persisted state. Time only moves with the FakeClock.
 #include "controlplane/key_registry.h"
 
 #include <algorithm>
@@ -15,12 +16,14 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "absl/types/optional.h"
 #include "common/key_format.h"
 #include "common/time_format.h"
 #include "gmock/gmock.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/message.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "tests/unit/fake_clock.h"
 
 namespace sflb {
@@ -731,6 +734,721 @@ TEST_F(KeyRegistryTest, ResolveAllDigitFingerprintPrefixOfSixIsAFingerprintNotAn
   registry_.Replace(MakeKeys({Secret(1), digits_key}));
   EXPECT_EQ(registry_.Resolve(KeyFingerprint(digits_key).substr(0, 6)).value(),
             IdOf(registry_, digits_key));
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Key health: outcomes, operator actions, Tick, explanations, persistence
+
+constexpr char kTpm429[] =
+    "Request was rejected due to rate limiting. Details: TPM limit reached.";
+
+v1::KeyOutcome Outcome(uint64_t id, v1::OutcomeKind kind, int status, const std::string& model,
+                       const std::string& message) {
+  v1::KeyOutcome o;
+  o.set_key_id(id);
+  o.set_kind(kind);
+  o.set_http_status(status);
+  o.set_model(model);
+  o.set_message(message);
+  return o;
+}
+
+v1::KeyOutcome RateLimitedOutcome(uint64_t id, const std::string& model, absl::Time observed,
+                                  absl::optional<absl::Duration> retry_after = absl::nullopt,
+                                  const std::string& message = kTpm429) {
+  v1::KeyOutcome o = Outcome(id, v1::OUTCOME_KIND_RATE_LIMITED, 429, model, message);
+  *o.mutable_observed_at() = ToProtoTime(observed);
+  if (retry_after.has_value()) *o.mutable_retry_after() = ToProtoDuration(*retry_after);
+  return o;
+}
+
+v1::KeyOutcome ProbeSuccess(uint64_t id, const std::string& model, bool probe = true) {
+  v1::KeyOutcome o = Outcome(id, v1::OUTCOME_KIND_SUCCESS, 200, model, "");
+  o.set_probe(probe);
+  return o;
+}
+
+v1::ReportRequest Report(const std::string& replica, std::vector<v1::KeyOutcome> outcomes) {
+  v1::ReportRequest r;
+  r.set_replica_id(replica);
+  for (v1::KeyOutcome& o : outcomes) *r.add_outcomes() = std::move(o);
+  return r;
+}
+
+v1::KeyStatus StatusById(const KeyRegistry& registry, uint64_t id) {
+  for (const v1::KeyStatus& k : registry.ListKeys(v1::KEY_STATE_UNSPECIFIED)) {
+    if (k.id() == id) return k;
+  }
+  ADD_FAILURE() << "no key with id " << id;
+  return v1::KeyStatus();
+}
+
+v1::KeyStatus StatusByFingerprint(const KeyRegistry& registry, const std::string& fingerprint) {
+  for (const v1::KeyStatus& k : registry.ListKeys(v1::KEY_STATE_UNSPECIFIED)) {
+    if (k.fingerprint() == fingerprint) return k;
+  }
+  ADD_FAILURE() << "no key with fingerprint " << fingerprint;
+  return v1::KeyStatus();
+}
+
+std::vector<std::string> Models(const google::protobuf::RepeatedPtrField<std::string>& models) {
+  return std::vector<std::string>(models.begin(), models.end());
+}
+
+// The delta since `known`; fails the test when the registry answers with a snapshot.
+v1::SnapshotDelta DeltaSince(const KeyRegistry& registry, uint64_t known) {
+  v1::WatchResponse out;
+  EXPECT_TRUE(registry.BuildUpdate(known, &out));
+  EXPECT_TRUE(out.has_delta()) << "expected a delta from version " << known;
+  return out.delta();
+}
+
+TEST_F(KeyRegistryTest, UnauthorizedMakesTheKeyInvalidAndRecordsWhy) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2)}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  const uint64_t b = IdOf(registry_, Secret(2));
+  const uint64_t known = registry_.version();
+  const uint64_t generation = registry_.state_generation();
+  clock_.Advance(absl::Seconds(7));
+
+  std::vector<KeyRegistry::StateChange> changes = registry_.ApplyReport(
+      Report("dp-1", {Outcome(a, v1::OUTCOME_KIND_UNAUTHORIZED, 401, "m", "Invalid token")}));
+  ASSERT_THAT(changes, SizeIs(1));
+  EXPECT_EQ(changes[0].fingerprint, KeyFingerprint(Secret(1)));
+  EXPECT_EQ(changes[0].from, v1::KEY_STATE_ACTIVE);
+  EXPECT_EQ(changes[0].to, v1::KEY_STATE_INVALID);
+  EXPECT_THAT(changes[0].reason, ::testing::HasSubstr("401"));
+  EXPECT_EQ(changes[0].actor, "dataplane:dp-1");
+
+  v1::KeyStatus s = StatusById(registry_, a);
+  EXPECT_EQ(s.state(), v1::KEY_STATE_INVALID);
+  EXPECT_EQ(s.state_status(), 401);
+  EXPECT_EQ(s.state_message(), "Invalid token");
+  EXPECT_EQ(s.state_actor(), "dataplane:dp-1");
+  EXPECT_THAT(s.state_reason(), ::testing::HasSubstr("401"));
+  EXPECT_EQ(FromProtoTime(s.state_since()), clock_.Now());
+  EXPECT_FALSE(s.has_state_until()) << "invalid until an operator acts";
+
+  EXPECT_GT(registry_.state_generation(), generation);
+  v1::SnapshotDelta d = DeltaSince(registry_, known);
+  ASSERT_THAT(d.upserted(), SizeIs(1));
+  EXPECT_EQ(d.upserted(0).id(), a);
+  EXPECT_EQ(d.upserted(0).state(), v1::KEY_STATE_INVALID);
+  EXPECT_FALSE(d.blocks_changed());
+  EXPECT_THAT(Ids(registry_.Lease(4)), ElementsAre(b, b, b, b));
+
+  // The same 401 again (another replica): no change, no new version.
+  const uint64_t v = registry_.version();
+  const uint64_t g = registry_.state_generation();
+  EXPECT_THAT(registry_.ApplyReport(Report("dp-2", {Outcome(a, v1::OUTCOME_KIND_UNAUTHORIZED, 401,
+                                                            "m", "Invalid token")})),
+              IsEmpty());
+  EXPECT_EQ(registry_.version(), v);
+  EXPECT_EQ(registry_.state_generation(), g);
+}
+
+TEST_F(KeyRegistryTest, ForbiddenWithABalanceMessageDepletesTheKey) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2), Secret(3)}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  const uint64_t b = IdOf(registry_, Secret(2));
+  const uint64_t c = IdOf(registry_, Secret(3));
+  std::vector<KeyRegistry::StateChange> changes = registry_.ApplyReport(Report(
+      "dp-1", {Outcome(a, v1::OUTCOME_KIND_FORBIDDEN, 403, "Qwen/Qwen2.5-7B-Instruct",
+                       "Sorry, your account balance is insufficient"),
+               Outcome(b, v1::OUTCOME_KIND_FORBIDDEN, 403, "m",
+                       "\xE8\xB4\xA6\xE6\x88\xB7\xE4\xBD\x99\xE9\xA2\x9D\xE4\xB8\x8D\xE8\xB6\xB3"),
+               // No model named: the key itself is refused.
+               Outcome(c, v1::OUTCOME_KIND_FORBIDDEN, 403, "", "Forbidden")}));
+  ASSERT_THAT(changes, SizeIs(3));
+  for (const KeyRegistry::StateChange& change : changes) {
+    EXPECT_EQ(change.to, v1::KEY_STATE_DEPLETED) << change.fingerprint;
+  }
+  v1::KeyStatus s = StatusById(registry_, a);
+  EXPECT_EQ(s.state(), v1::KEY_STATE_DEPLETED);
+  EXPECT_EQ(s.state_status(), 403);
+  EXPECT_EQ(s.state_message(), "Sorry, your account balance is insufficient");
+  EXPECT_THAT(s.forbidden_models(), IsEmpty()) << "a balance problem is not about the model";
+  EXPECT_EQ(StatusById(registry_, b).state(), v1::KEY_STATE_DEPLETED) << "Chinese message";
+  EXPECT_EQ(StatusById(registry_, c).state(), v1::KEY_STATE_DEPLETED);
+  EXPECT_THAT(registry_.Lease(3).key_ids(), IsEmpty());
+}
+
+TEST_F(KeyRegistryTest, ForbiddenForAModelForbidsOnlyThatModel) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2)}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  const uint64_t b = IdOf(registry_, Secret(2));
+  const uint64_t known = registry_.version();
+  const uint64_t generation = registry_.state_generation();
+  std::vector<KeyRegistry::StateChange> changes = registry_.ApplyReport(
+      Report("dp-1", {Outcome(a, v1::OUTCOME_KIND_FORBIDDEN, 403, "deepseek-ai/DeepSeek-R1",
+                              "This model requires real-name verification")}));
+  EXPECT_THAT(changes, IsEmpty()) << "the key's state did not change";
+  v1::KeyStatus s = StatusById(registry_, a);
+  EXPECT_EQ(s.state(), v1::KEY_STATE_ACTIVE);
+  EXPECT_THAT(Models(s.forbidden_models()), ElementsAre("deepseek-ai/DeepSeek-R1"));
+  EXPECT_EQ(s.state_status(), 403);
+  EXPECT_EQ(s.state_message(), "This model requires real-name verification");
+  EXPECT_GT(registry_.state_generation(), generation);
+  // Dataplanes learn it from a delta; the key keeps its turn in the lease.
+  v1::SnapshotDelta d = DeltaSince(registry_, known);
+  ASSERT_THAT(d.upserted(), SizeIs(1));
+  EXPECT_EQ(d.upserted(0).state(), v1::KEY_STATE_ACTIVE);
+  EXPECT_THAT(Models(d.upserted(0).forbidden_models()), ElementsAre("deepseek-ai/DeepSeek-R1"));
+  EXPECT_THAT(Ids(registry_.Lease(4)), ElementsAre(a, b, a, b));
+
+  // The same model again changes nothing; a second model is added.
+  const uint64_t v = registry_.version();
+  registry_.ApplyReport(Report("dp-2", {Outcome(a, v1::OUTCOME_KIND_FORBIDDEN, 403,
+                                                "deepseek-ai/DeepSeek-R1", "real-name")}));
+  EXPECT_EQ(registry_.version(), v);
+  registry_.ApplyReport(
+      Report("dp-2", {Outcome(a, v1::OUTCOME_KIND_FORBIDDEN, 403, "other/model", "real-name")}));
+  EXPECT_THAT(Models(StatusById(registry_, a).forbidden_models()),
+              ElementsAre("deepseek-ai/DeepSeek-R1", "other/model"));
+  EXPECT_EQ(registry_.BuildSnapshot().keys(0).forbidden_models_size(), 2);
+}
+
+TEST_F(KeyRegistryTest, DisabledKeysAreNotTurnedInvalidOrDepletedByReports) {
+  registry_.Replace(MakeKeys({Secret(1)}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  ASSERT_TRUE(registry_.ApplyAction(a, v1::KEY_ACTION_DISABLE, absl::ZeroDuration(), "maintenance",
+                                    "alice")
+                  .ok());
+  const uint64_t v = registry_.version();
+  EXPECT_THAT(
+      registry_.ApplyReport(Report(
+          "dp-1", {Outcome(a, v1::OUTCOME_KIND_UNAUTHORIZED, 401, "m", "Invalid token"),
+                   Outcome(a, v1::OUTCOME_KIND_FORBIDDEN, 403, "m", "insufficient balance")})),
+      IsEmpty());
+  v1::KeyStatus s = StatusById(registry_, a);
+  EXPECT_EQ(s.state(), v1::KEY_STATE_DISABLED);
+  EXPECT_EQ(s.state_reason(), "maintenance");
+  EXPECT_EQ(s.state_actor(), "alice");
+  EXPECT_EQ(registry_.version(), v);
+}
+
+TEST_F(KeyRegistryTest, OtherOutcomesAndRetiredKeysChangeNothing) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2)}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  const uint64_t retired = IdOf(registry_, Secret(2));
+  registry_.Replace(MakeKeys({Secret(1)}));
+  const uint64_t v = registry_.version();
+  registry_.ApplyReport(Report(
+      "dp-1", {Outcome(a, v1::OUTCOME_KIND_UPSTREAM_ERROR, 503, "m", "overloaded"),
+               Outcome(a, v1::OUTCOME_KIND_TRANSPORT_ERROR, 0, "m", "connect refused"),
+               Outcome(a, v1::OUTCOME_KIND_SUCCESS, 200, "m", ""),
+               Outcome(retired, v1::OUTCOME_KIND_UNAUTHORIZED, 401, "m", "Invalid token"),
+               RateLimitedOutcome(retired, "m", clock_.Now())}));
+  EXPECT_EQ(registry_.version(), v);
+  EXPECT_EQ(StatusById(registry_, a).state(), v1::KEY_STATE_ACTIVE);
+  EXPECT_THAT(registry_.Blocks(), IsEmpty());
+}
+
+TEST_F(KeyRegistryTest, RateLimitBlocksTheAccountModelScopeInSnapshotAndDelta) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2), Secret(3)},
+                             {{Secret(1), "team-a"}, {Secret(2), "team-a"}}));
+  const uint64_t a1 = IdOf(registry_, Secret(1));
+  const uint64_t a2 = IdOf(registry_, Secret(2));
+  const uint64_t known = registry_.version();
+  const uint64_t generation = registry_.state_generation();
+  // 2026-01-01T00:00:00Z: a TPM limit ends at the next minute boundary plus up to 3 s jitter.
+  std::vector<KeyRegistry::StateChange> changes =
+      registry_.ApplyReport(Report("dp-1", {RateLimitedOutcome(a1, "m", clock_.Now())}));
+  EXPECT_THAT(changes, IsEmpty()) << "a scope block is not a key state change";
+  EXPECT_GT(registry_.state_generation(), generation);
+
+  v1::Snapshot snapshot = registry_.BuildSnapshot();
+  ASSERT_THAT(snapshot.blocks(), SizeIs(1));
+  const v1::ScopeBlock& b = snapshot.blocks(0);
+  EXPECT_EQ(b.account(), "team-a");
+  EXPECT_EQ(b.model(), "m");
+  EXPECT_EQ(b.phase(), v1::BLOCK_PHASE_COOLING);
+  EXPECT_EQ(b.limit(), "TPM");
+  EXPECT_EQ(b.reason(), kTpm429);
+  EXPECT_EQ(b.strikes(), 1u);
+  const absl::Time until = FromProtoTime(b.until());
+  EXPECT_GE(until, clock_.Now() + absl::Minutes(1));
+  EXPECT_LE(until, clock_.Now() + absl::Minutes(1) + absl::Seconds(3));
+  for (const v1::UpstreamKey& k : snapshot.keys()) {
+    EXPECT_EQ(k.state(), v1::KEY_STATE_ACTIVE) << "keys stay active: the dataplane skips the scope";
+  }
+
+  v1::SnapshotDelta d = DeltaSince(registry_, known);
+  EXPECT_TRUE(d.blocks_changed());
+  EXPECT_THAT(d.upserted(), IsEmpty());
+  ASSERT_THAT(d.blocks(), SizeIs(1));
+  EXPECT_EQ(d.blocks(0).account(), "team-a");
+  EXPECT_EQ(FromProtoTime(d.blocks(0).until()), until);
+
+  // An echo from another replica changes nothing.
+  const uint64_t v = registry_.version();
+  registry_.ApplyReport(
+      Report("dp-2", {RateLimitedOutcome(a2, "m", clock_.Now() + absl::Milliseconds(20))}));
+  EXPECT_EQ(registry_.version(), v);
+  ASSERT_THAT(registry_.Blocks(), SizeIs(1));
+  EXPECT_EQ(registry_.Blocks()[0].strikes(), 1u);
+}
+
+TEST_F(KeyRegistryTest, TickTurnsTheBlockHalfOpenAndAProbeSuccessLiftsIt) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2)}, {{Secret(1), "team-a"}, {Secret(2), "team-a"}}));
+  const uint64_t a1 = IdOf(registry_, Secret(1));
+  const uint64_t a2 = IdOf(registry_, Secret(2));
+  registry_.ApplyReport(
+      Report("dp-1", {RateLimitedOutcome(a1, "m", clock_.Now(), absl::Seconds(30))}));
+  ASSERT_THAT(registry_.Blocks(), SizeIs(1));
+  EXPECT_EQ(FromProtoTime(registry_.Blocks()[0].until()), clock_.Now() + absl::Seconds(30));
+
+  clock_.Advance(absl::Seconds(29));
+  uint64_t v = registry_.version();
+  registry_.Tick({"dp-1", "dp-2"});
+  EXPECT_EQ(registry_.version(), v) << "still cooling";
+
+  clock_.Advance(absl::Seconds(1));
+  const uint64_t before_open = registry_.version();
+  registry_.Tick({"dp-1", "dp-2"});
+  ASSERT_GT(registry_.version(), before_open);
+  ASSERT_THAT(registry_.Blocks(), SizeIs(1));
+  v1::ScopeBlock open = registry_.Blocks()[0];
+  EXPECT_EQ(open.phase(), v1::BLOCK_PHASE_HALF_OPEN);
+  EXPECT_TRUE(open.probe_replica() == "dp-1" || open.probe_replica() == "dp-2");
+  v1::SnapshotDelta d = DeltaSince(registry_, before_open);
+  EXPECT_TRUE(d.blocks_changed());
+  ASSERT_THAT(d.blocks(), SizeIs(1));
+  EXPECT_EQ(d.blocks(0).phase(), v1::BLOCK_PHASE_HALF_OPEN);
+  EXPECT_EQ(d.blocks(0).probe_replica(), open.probe_replica());
+
+  // A plain success (not the probe) does not lift it.
+  v = registry_.version();
+  registry_.ApplyReport(Report(open.probe_replica(), {ProbeSuccess(a2, "m", /*probe=*/false)}));
+  EXPECT_EQ(registry_.version(), v);
+  ASSERT_THAT(registry_.Blocks(), SizeIs(1));
+
+  // The probe succeeded (on another key of the account): the scope reopens everywhere.
+  const uint64_t before_lift = registry_.version();
+  EXPECT_THAT(registry_.ApplyReport(Report(open.probe_replica(), {ProbeSuccess(a2, "m")})),
+              IsEmpty());
+  EXPECT_THAT(registry_.Blocks(), IsEmpty());
+  EXPECT_THAT(registry_.BuildSnapshot().blocks(), IsEmpty());
+  v1::SnapshotDelta lifted = DeltaSince(registry_, before_lift);
+  EXPECT_TRUE(lifted.blocks_changed()) << "an empty block list must still be sent";
+  EXPECT_THAT(lifted.blocks(), IsEmpty());
+}
+
+TEST_F(KeyRegistryTest, RateLimitOfTheProbeExtendsTheBlockWithAnotherStrike) {
+  registry_.Replace(MakeKeys({Secret(1)}, {{Secret(1), "team-a"}}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  registry_.ApplyReport(Report("dp-1", {RateLimitedOutcome(a, "m", clock_.Now(), absl::nullopt,
+                                                           "Too many requests")}));
+  clock_.Advance(absl::Minutes(2));
+  registry_.Tick({"dp-1"});
+  ASSERT_EQ(registry_.Blocks()[0].phase(), v1::BLOCK_PHASE_HALF_OPEN);
+  registry_.ApplyReport(Report("dp-1", {RateLimitedOutcome(a, "m", clock_.Now(), absl::nullopt,
+                                                           "Too many requests")}));
+  v1::ScopeBlock b = registry_.Blocks()[0];
+  EXPECT_EQ(b.phase(), v1::BLOCK_PHASE_COOLING);
+  EXPECT_EQ(b.strikes(), 2u);
+  // Default 60 s (+ up to 3 s jitter), doubled.
+  EXPECT_GE(FromProtoTime(b.until()), clock_.Now() + absl::Seconds(120));
+  EXPECT_LE(FromProtoTime(b.until()), clock_.Now() + absl::Seconds(126));
+}
+
+TEST_F(KeyRegistryTest, RateLimitsOfMostAccountsMakeAPoolWideBlock) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2), Secret(3), Secret(4)}));
+  std::vector<v1::KeyOutcome> outcomes;
+  for (int i = 1; i <= 3; ++i) {
+    outcomes.push_back(RateLimitedOutcome(IdOf(registry_, Secret(i)), "m", clock_.Now()));
+  }
+  registry_.ApplyReport(Report("dp-1", outcomes));
+  bool pool_wide = false;
+  for (const v1::ScopeBlock& b : registry_.Blocks()) {
+    if (b.account() == "*" && b.model() == "m") pool_wide = true;
+  }
+  EXPECT_TRUE(pool_wide) << "3 of 4 accounts within the window";
+  // The fourth key's explanation mentions it, though its own account was never limited.
+  absl::StatusOr<v1::GetKeyResponse> x = registry_.Explain(IdOf(registry_, Secret(4)));
+  ASSERT_TRUE(x.ok());
+  ASSERT_THAT(x->blocks(), SizeIs(1));
+  EXPECT_THAT(x->explanation(), ::testing::HasSubstr("pool-wide"));
+}
+
+TEST_F(KeyRegistryTest, LeaseSkipsInvalidDisabledAndCoolingKeys) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2), Secret(3), Secret(4)}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  const uint64_t b = IdOf(registry_, Secret(2));
+  const uint64_t c = IdOf(registry_, Secret(3));
+  const uint64_t d = IdOf(registry_, Secret(4));
+  registry_.ApplyReport(
+      Report("dp-1", {Outcome(a, v1::OUTCOME_KIND_UNAUTHORIZED, 401, "", "Invalid token")}));
+  ASSERT_TRUE(registry_.ApplyAction(b, v1::KEY_ACTION_DISABLE, absl::ZeroDuration(), "", "op").ok());
+  ASSERT_TRUE(registry_.ApplyAction(c, v1::KEY_ACTION_COOLDOWN, absl::Minutes(5), "", "op").ok());
+  EXPECT_THAT(Ids(registry_.Lease(5)), ElementsAre(d, d, d, d, d));
+  v1::GetStatsResponse stats;
+  registry_.FillStats(&stats);
+  EXPECT_EQ(stats.active_keys(), 1u);
+}
+
+TEST_F(KeyRegistryTest, ApplyActionDisableAndEnable) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2)}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  const uint64_t b = IdOf(registry_, Secret(2));
+  const uint64_t known = registry_.version();
+  const uint64_t generation = registry_.state_generation();
+  clock_.Advance(absl::Seconds(3));
+
+  absl::StatusOr<v1::KeyStatus> disabled =
+      registry_.ApplyAction(a, v1::KEY_ACTION_DISABLE, absl::ZeroDuration(), "leaked", "alice");
+  ASSERT_TRUE(disabled.ok()) << disabled.status();
+  EXPECT_EQ(disabled->id(), a);
+  EXPECT_EQ(disabled->state(), v1::KEY_STATE_DISABLED);
+  EXPECT_EQ(disabled->state_reason(), "leaked");
+  EXPECT_EQ(disabled->state_actor(), "alice");
+  EXPECT_EQ(FromProtoTime(disabled->state_since()), clock_.Now());
+  EXPECT_GT(registry_.state_generation(), generation);
+  EXPECT_THAT(Ids(registry_.Lease(2)), ElementsAre(b, b));
+  v1::SnapshotDelta d = DeltaSince(registry_, known);
+  ASSERT_THAT(d.upserted(), SizeIs(1));
+  EXPECT_EQ(d.upserted(0).state(), v1::KEY_STATE_DISABLED);
+
+  absl::StatusOr<v1::KeyStatus> enabled =
+      registry_.ApplyAction(a, v1::KEY_ACTION_ENABLE, absl::ZeroDuration(), "", "bob");
+  ASSERT_TRUE(enabled.ok()) << enabled.status();
+  EXPECT_EQ(enabled->state(), v1::KEY_STATE_ACTIVE);
+  EXPECT_EQ(enabled->state_reason(), "operator") << "the default reason";
+  EXPECT_EQ(enabled->state_actor(), "bob");
+  EXPECT_THAT(Ids(registry_.Lease(2)), UnorderedElementsAre(a, b));
+}
+
+TEST_F(KeyRegistryTest, ApplyActionRejectsUnknownKeysActionsAndDurations) {
+  registry_.Replace(MakeKeys({Secret(1)}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  const uint64_t v = registry_.version();
+  EXPECT_EQ(registry_.ApplyAction(4242, v1::KEY_ACTION_DISABLE, absl::ZeroDuration(), "", "op")
+                .status()
+                .code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(registry_.ApplyAction(a, v1::KEY_ACTION_UNSPECIFIED, absl::ZeroDuration(), "", "op")
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  for (absl::Duration bad : {absl::ZeroDuration(), absl::Milliseconds(999), absl::Seconds(-5),
+                             absl::Hours(24 * 7) + absl::Seconds(1), absl::InfiniteDuration()}) {
+    EXPECT_EQ(registry_.ApplyAction(a, v1::KEY_ACTION_COOLDOWN, bad, "", "op").status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << absl::FormatDuration(bad);
+  }
+  EXPECT_EQ(registry_.version(), v) << "a rejected action changes nothing";
+  EXPECT_EQ(StatusById(registry_, a).state(), v1::KEY_STATE_ACTIVE);
+  // The bounds themselves are fine.
+  EXPECT_TRUE(registry_.ApplyAction(a, v1::KEY_ACTION_COOLDOWN, absl::Seconds(1), "", "op").ok());
+  EXPECT_TRUE(
+      registry_.ApplyAction(a, v1::KEY_ACTION_COOLDOWN, absl::Hours(24 * 7), "", "op").ok());
+}
+
+TEST_F(KeyRegistryTest, CooldownActionEndsOnTickAfterTheClockPassesIt) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2)}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  const uint64_t b = IdOf(registry_, Secret(2));
+  absl::StatusOr<v1::KeyStatus> cooling =
+      registry_.ApplyAction(a, v1::KEY_ACTION_COOLDOWN, absl::Seconds(30), "noisy", "alice");
+  ASSERT_TRUE(cooling.ok()) << cooling.status();
+  EXPECT_EQ(cooling->state(), v1::KEY_STATE_COOLING);
+  EXPECT_EQ(FromProtoTime(cooling->state_until()), clock_.Now() + absl::Seconds(30));
+  EXPECT_EQ(FromProtoTime(registry_.BuildSnapshot().keys(0).state_until()),
+            clock_.Now() + absl::Seconds(30));
+  EXPECT_THAT(Ids(registry_.Lease(2)), ElementsAre(b, b));
+
+  clock_.Advance(absl::Seconds(29));
+  uint64_t v = registry_.version();
+  registry_.Tick({});
+  EXPECT_EQ(StatusById(registry_, a).state(), v1::KEY_STATE_COOLING);
+  EXPECT_EQ(registry_.version(), v);
+
+  clock_.Advance(absl::Seconds(1));
+  const uint64_t generation = registry_.state_generation();
+  registry_.Tick({});
+  v1::KeyStatus s = StatusById(registry_, a);
+  EXPECT_EQ(s.state(), v1::KEY_STATE_ACTIVE);
+  EXPECT_EQ(s.state_reason(), "cooldown ended");
+  EXPECT_FALSE(s.has_state_until());
+  EXPECT_GT(registry_.state_generation(), generation);
+  v1::SnapshotDelta d = DeltaSince(registry_, v);
+  ASSERT_THAT(d.upserted(), SizeIs(1));
+  EXPECT_EQ(d.upserted(0).state(), v1::KEY_STATE_ACTIVE);
+  EXPECT_THAT(Ids(registry_.Lease(2)), UnorderedElementsAre(a, b));
+}
+
+TEST_F(KeyRegistryTest, EnableClearsForbiddenModelsAndTheAccountsBlocks) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2)}, {{Secret(1), "team-a"}, {Secret(2), "team-b"}}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  const uint64_t b = IdOf(registry_, Secret(2));
+  registry_.ApplyReport(Report(
+      "dp-1", {Outcome(a, v1::OUTCOME_KIND_UNAUTHORIZED, 401, "", "Invalid token"),
+               Outcome(a, v1::OUTCOME_KIND_FORBIDDEN, 403, "m1", "real-name verification"),
+               RateLimitedOutcome(a, "m2", clock_.Now()),
+               RateLimitedOutcome(b, "m2", clock_.Now())}));
+  ASSERT_EQ(StatusById(registry_, a).state(), v1::KEY_STATE_INVALID);
+  ASSERT_THAT(registry_.Blocks(), SizeIs(2));
+  const uint64_t known = registry_.version();
+
+  absl::StatusOr<v1::KeyStatus> enabled =
+      registry_.ApplyAction(a, v1::KEY_ACTION_ENABLE, absl::ZeroDuration(), "fixed", "alice");
+  ASSERT_TRUE(enabled.ok()) << enabled.status();
+  EXPECT_EQ(enabled->state(), v1::KEY_STATE_ACTIVE);
+  EXPECT_THAT(enabled->forbidden_models(), IsEmpty());
+  std::vector<v1::ScopeBlock> blocks = registry_.Blocks();
+  ASSERT_THAT(blocks, SizeIs(1)) << "team-b's block is not the operator's business here";
+  EXPECT_EQ(blocks[0].account(), "team-b");
+
+  v1::SnapshotDelta d = DeltaSince(registry_, known);
+  EXPECT_TRUE(d.blocks_changed());
+  ASSERT_THAT(d.blocks(), SizeIs(1));
+  ASSERT_THAT(d.upserted(), SizeIs(1));
+  EXPECT_EQ(d.upserted(0).state(), v1::KEY_STATE_ACTIVE);
+  EXPECT_THAT(d.upserted(0).forbidden_models(), IsEmpty());
+}
+
+TEST_F(KeyRegistryTest, ReloadRetriesInvalidAndDepletedKeysButKeepsDisabledAndCooling) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2), Secret(3), Secret(4), Secret(5)}));
+  const uint64_t invalid = IdOf(registry_, Secret(1));
+  const uint64_t depleted = IdOf(registry_, Secret(2));
+  const uint64_t disabled = IdOf(registry_, Secret(3));
+  const uint64_t forbidden = IdOf(registry_, Secret(4));
+  const uint64_t cooling = IdOf(registry_, Secret(5));
+  registry_.ApplyReport(Report(
+      "dp-1",
+      {Outcome(invalid, v1::OUTCOME_KIND_UNAUTHORIZED, 401, "", "Invalid token"),
+       Outcome(depleted, v1::OUTCOME_KIND_FORBIDDEN, 403, "m", "insufficient balance"),
+       Outcome(forbidden, v1::OUTCOME_KIND_FORBIDDEN, 403, "m", "real-name verification")}));
+  ASSERT_TRUE(
+      registry_.ApplyAction(disabled, v1::KEY_ACTION_DISABLE, absl::ZeroDuration(), "", "op").ok());
+  ASSERT_TRUE(
+      registry_.ApplyAction(cooling, v1::KEY_ACTION_COOLDOWN, absl::Hours(1), "", "op").ok());
+
+  registry_.Replace(MakeKeys({Secret(1), Secret(2), Secret(3), Secret(4), Secret(5)}));
+  v1::KeyStatus s1 = StatusById(registry_, invalid);
+  EXPECT_EQ(s1.state(), v1::KEY_STATE_ACTIVE);
+  EXPECT_EQ(s1.state_reason(), "reloaded");
+  EXPECT_EQ(s1.state_actor(), "reload");
+  EXPECT_EQ(s1.state_message(), "") << "the old upstream message no longer applies";
+  EXPECT_EQ(StatusById(registry_, depleted).state(), v1::KEY_STATE_ACTIVE);
+  EXPECT_EQ(StatusById(registry_, disabled).state(), v1::KEY_STATE_DISABLED);
+  EXPECT_EQ(StatusById(registry_, cooling).state(), v1::KEY_STATE_COOLING);
+  EXPECT_THAT(StatusById(registry_, forbidden).forbidden_models(), IsEmpty());
+  EXPECT_THAT(Ids(registry_.Lease(3)), ElementsAre(invalid, depleted, forbidden));
+}
+
+TEST_F(KeyRegistryTest, ExplainSaysWhyAKeyIsOrIsNotUsed) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2), Secret(3), Secret(4)},
+                             {{Secret(1), "team-a"}, {Secret(4), "team-a"}}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  const uint64_t b = IdOf(registry_, Secret(2));
+  const uint64_t c = IdOf(registry_, Secret(3));
+  const uint64_t d = IdOf(registry_, Secret(4));
+  EXPECT_EQ(registry_.Explain(4242).status().code(), absl::StatusCode::kNotFound);
+
+  absl::StatusOr<v1::GetKeyResponse> fine = registry_.Explain(b);
+  ASSERT_TRUE(fine.ok());
+  EXPECT_THAT(fine->explanation(), ::testing::HasSubstr("Active"));
+  EXPECT_EQ(fine->key().id(), b);
+  EXPECT_THAT(fine->blocks(), IsEmpty());
+
+  registry_.ApplyReport(Report(
+      "dp-1", {Outcome(a, v1::OUTCOME_KIND_UNAUTHORIZED, 401, "", "Invalid API key given"),
+               Outcome(a, v1::OUTCOME_KIND_FORBIDDEN, 403, "vision/model", "real-name required"),
+               RateLimitedOutcome(d, "chat/model", clock_.Now())}));
+  absl::StatusOr<v1::GetKeyResponse> invalid = registry_.Explain(a);
+  ASSERT_TRUE(invalid.ok());
+  const std::string& text = invalid->explanation();
+  EXPECT_THAT(text, ::testing::HasSubstr("Invalid"));
+  EXPECT_THAT(text, ::testing::HasSubstr("401"));
+  EXPECT_THAT(text, ::testing::HasSubstr("real-name required")) << "the latest upstream message";
+  EXPECT_THAT(text, ::testing::HasSubstr("vision/model"));
+  EXPECT_THAT(text, ::testing::HasSubstr("chat/model")) << "its account's block";
+  EXPECT_THAT(text, ::testing::HasSubstr("TPM"));
+  EXPECT_THAT(text, ::testing::HasSubstr("cooling until"));
+  ASSERT_THAT(invalid->blocks(), SizeIs(1));
+  EXPECT_EQ(invalid->blocks(0).account(), "team-a");
+  EXPECT_EQ(invalid->key().state(), v1::KEY_STATE_INVALID);
+  EXPECT_THAT(registry_.Explain(b)->blocks(), IsEmpty()) << "another account's block";
+
+  // Half-open: names the probe replica.
+  clock_.Advance(absl::Minutes(2));
+  registry_.Tick({"dp-7"});
+  EXPECT_THAT(registry_.Explain(d)->explanation(), ::testing::HasSubstr("half-open, probe by dp-7"));
+
+  ASSERT_TRUE(
+      registry_.ApplyAction(b, v1::KEY_ACTION_DISABLE, absl::ZeroDuration(), "leaked", "alice").ok());
+  std::string disabled = registry_.Explain(b)->explanation();
+  EXPECT_THAT(disabled, ::testing::HasSubstr("Disabled"));
+  EXPECT_THAT(disabled, ::testing::HasSubstr("alice"));
+  EXPECT_THAT(disabled, ::testing::HasSubstr("leaked"));
+
+  ASSERT_TRUE(
+      registry_.ApplyAction(c, v1::KEY_ACTION_COOLDOWN, absl::Seconds(90), "noisy", "bob").ok());
+  std::string cooling = registry_.Explain(c)->explanation();
+  EXPECT_THAT(cooling, ::testing::HasSubstr("Cooling until"));
+  EXPECT_THAT(cooling, ::testing::HasSubstr("1m30s left"));
+  EXPECT_THAT(cooling, ::testing::HasSubstr("noisy"));
+
+  registry_.ApplyReport(
+      Report("dp-1", {Outcome(c, v1::OUTCOME_KIND_FORBIDDEN, 403, "", "Insufficient balance")}));
+  std::string depleted = registry_.Explain(c)->explanation();
+  EXPECT_THAT(depleted, ::testing::HasSubstr("Depleted"));
+  EXPECT_THAT(depleted, ::testing::HasSubstr("Insufficient balance"));
+}
+
+TEST_F(KeyRegistryTest, ExportAndImportStateRestoreStatesCountersAndBlocksByFingerprint) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2), Secret(3), Secret(4)},
+                             {{Secret(4), "team-d"}}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  const uint64_t b = IdOf(registry_, Secret(2));
+  const uint64_t c = IdOf(registry_, Secret(3));
+  const uint64_t d = IdOf(registry_, Secret(4));
+  v1::ReportRequest usage = Report(
+      "dp-1", {Outcome(a, v1::OUTCOME_KIND_UNAUTHORIZED, 401, "", "Invalid token"),
+               Outcome(b, v1::OUTCOME_KIND_FORBIDDEN, 403, "m1", "real-name verification"),
+               RateLimitedOutcome(d, "m2", clock_.Now(), absl::Minutes(10))});
+  *usage.add_usage() = Usage(b, 12, 340, 560, clock_.Now());
+  registry_.ApplyReport(usage);
+  ASSERT_TRUE(
+      registry_.ApplyAction(c, v1::KEY_ACTION_COOLDOWN, absl::Minutes(5), "noisy", "alice").ok());
+  const nlohmann::json saved = nlohmann::json::parse(registry_.ExportState().dump());
+  const std::vector<v1::KeyStatus> before = registry_.ListKeys(v1::KEY_STATE_UNSPECIFIED);
+  const std::vector<v1::ScopeBlock> blocks_before = registry_.Blocks();
+  ASSERT_THAT(blocks_before, SizeIs(1));
+
+  // A restarted controlplane: the same keys in another order plus a new one, new ids.
+  clock_.Advance(absl::Seconds(20));
+  KeyRegistry restored(&clock_);
+  restored.Replace(MakeKeys({Secret(9), Secret(4), Secret(3), Secret(2), Secret(1)},
+                            {{Secret(4), "team-d"}}));
+  const uint64_t known = restored.version();
+  restored.ImportState(saved);
+  for (const v1::KeyStatus& old : before) {
+    v1::KeyStatus now = StatusByFingerprint(restored, old.fingerprint());
+    EXPECT_EQ(now.state(), old.state()) << old.fingerprint();
+    EXPECT_EQ(now.state_reason(), old.state_reason()) << old.fingerprint();
+    EXPECT_EQ(FromProtoTime(now.state_since()), FromProtoTime(old.state_since()));
+    EXPECT_EQ(now.has_state_until(), old.has_state_until());
+    EXPECT_EQ(FromProtoTime(now.state_until()), FromProtoTime(old.state_until()));
+    EXPECT_EQ(now.state_status(), old.state_status());
+    EXPECT_EQ(now.state_message(), old.state_message());
+    EXPECT_EQ(now.state_actor(), old.state_actor());
+    EXPECT_EQ(Models(now.forbidden_models()), Models(old.forbidden_models()));
+    EXPECT_EQ(now.request_count(), old.request_count());
+    EXPECT_EQ(now.prompt_tokens(), old.prompt_tokens());
+    EXPECT_EQ(now.completion_tokens(), old.completion_tokens());
+    EXPECT_EQ(now.has_last_used(), old.has_last_used());
+    EXPECT_EQ(FromProtoTime(now.last_used()), FromProtoTime(old.last_used()));
+  }
+  v1::KeyStatus fresh = StatusByFingerprint(restored, KeyFingerprint(Secret(9)));
+  EXPECT_EQ(fresh.state(), v1::KEY_STATE_ACTIVE) << "a key not in the state file starts active";
+  EXPECT_EQ(fresh.request_count(), 0u);
+
+  std::vector<v1::ScopeBlock> blocks_after = restored.Blocks();
+  ASSERT_THAT(blocks_after, SizeIs(1));
+  EXPECT_EQ(blocks_after[0].account(), "team-d");
+  EXPECT_EQ(blocks_after[0].model(), "m2");
+  EXPECT_EQ(blocks_after[0].phase(), v1::BLOCK_PHASE_COOLING);
+  EXPECT_EQ(FromProtoTime(blocks_after[0].until()), FromProtoTime(blocks_before[0].until()));
+  EXPECT_EQ(blocks_after[0].strikes(), blocks_before[0].strikes());
+  EXPECT_EQ(blocks_after[0].limit(), blocks_before[0].limit());
+
+  // Dataplanes get it all as a snapshot, and the lease follows the restored states.
+  v1::WatchResponse update;
+  ASSERT_TRUE(restored.BuildUpdate(known, &update));
+  EXPECT_TRUE(update.has_snapshot());
+  EXPECT_THAT(update.snapshot().blocks(), SizeIs(1));
+  const uint64_t b2 = IdOf(restored, Secret(2));
+  const uint64_t d2 = IdOf(restored, Secret(4));
+  const uint64_t n2 = IdOf(restored, Secret(9));
+  EXPECT_THAT(Ids(restored.Lease(3)), ElementsAre(n2, d2, b2));
+
+  // The restored cooldown still ends on time.
+  clock_.Advance(absl::Minutes(5));
+  restored.Tick({});
+  EXPECT_EQ(StatusByFingerprint(restored, KeyFingerprint(Secret(3))).state(),
+            v1::KEY_STATE_ACTIVE);
+}
+
+TEST_F(KeyRegistryTest, ImportStateIgnoresUnknownFingerprintsAndMalformedInput) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2)}));
+  const std::string fp1 = KeyFingerprint(Secret(1));
+  nlohmann::json state = nlohmann::json::parse(R"({"version": 1, "blocks": "not an array",
+      "keys": {"0123456789ab": {"state": "KEY_STATE_DISABLED", "request_count": 99}}})");
+  state["keys"][fp1] = {{"state", "KEY_STATE_NO_SUCH_STATE"}, {"request_count", 5}};
+  state["keys"][KeyFingerprint(Secret(2))] = "not an object";
+  registry_.ImportState(state);
+  EXPECT_EQ(registry_.size(), 2u);
+  for (const v1::KeyStatus& k : registry_.ListKeys(v1::KEY_STATE_UNSPECIFIED)) {
+    EXPECT_EQ(k.state(), v1::KEY_STATE_ACTIVE) << k.fingerprint();
+  }
+  EXPECT_EQ(StatusByFingerprint(registry_, fp1).request_count(), 5u);
+  EXPECT_THAT(registry_.Blocks(), IsEmpty());
+
+  for (const char* text : {"null", "[]", "\"garbage\"", "42", "{}", "{\"keys\": 5}",
+                           "{\"keys\": [], \"blocks\": {}}"}) {
+    registry_.ImportState(nlohmann::json::parse(text));
+    EXPECT_EQ(registry_.size(), 2u) << text;
+    EXPECT_EQ(StatusByFingerprint(registry_, fp1).state(), v1::KEY_STATE_ACTIVE) << text;
+    EXPECT_EQ(StatusByFingerprint(registry_, fp1).request_count(), 5u) << text;
+  }
+}
+
+// controlplane_server.cc calls ImportState on whatever JSON the state file holds, without a
+// try/catch, and says "a damaged state file must not keep the pool down". A key entry with a
+// field of the wrong JSON type makes nlohmann::json::value() throw type_error instead of the
+// entry (or field) being ignored: the controlplane would die at start-up on that file.
+TEST_F(KeyRegistryTest, BUG_ImportStateSurvivesWronglyTypedFields) {
+  registry_.Replace(MakeKeys({Secret(1)}));
+  const std::string fp = KeyFingerprint(Secret(1));
+  for (const char* entry : {R"({"state": "KEY_STATE_INVALID", "status": "401"})",
+                            R"({"state": 3})",
+                            R"({"state": "KEY_STATE_ACTIVE", "request_count": "many"})",
+                            R"({"state": "KEY_STATE_ACTIVE", "reason": null})"}) {
+    nlohmann::json state = nlohmann::json::object();
+    state["keys"][fp] = nlohmann::json::parse(entry);
+    EXPECT_NO_THROW(registry_.ImportState(state)) << entry;
+  }
+  nlohmann::json bad_block = nlohmann::json::parse(
+      R"({"blocks": [{"account": "a", "model": "m", "until_unix_ms": "later"}]})");
+  EXPECT_NO_THROW(registry_.ImportState(bad_block));
+}
+
+TEST_F(KeyRegistryTest, StateGenerationBumpsOnStateChangesOnly) {
+  registry_.Replace(MakeKeys({Secret(1), Secret(2)}, {{Secret(2), "team-b"}}));
+  const uint64_t a = IdOf(registry_, Secret(1));
+  const uint64_t b = IdOf(registry_, Secret(2));
+  uint64_t g = registry_.state_generation();
+
+  v1::ReportRequest usage_only;
+  *usage_only.add_usage() = Usage(a, 1, 1, 1, clock_.Now());
+  registry_.ApplyReport(usage_only);
+  EXPECT_EQ(registry_.state_generation(), g) << "counters alone are saved with the next change";
+  registry_.Tick({"dp-1"});
+  EXPECT_EQ(registry_.state_generation(), g) << "an idle Tick";
+
+  registry_.ApplyReport(
+      Report("dp-1", {Outcome(a, v1::OUTCOME_KIND_UNAUTHORIZED, 401, "", "Invalid token")}));
+  EXPECT_GT(registry_.state_generation(), g);
+  g = registry_.state_generation();
+
+  registry_.ApplyReport(Report("dp-1", {RateLimitedOutcome(b, "m", clock_.Now(), absl::Seconds(10))}));
+  EXPECT_GT(registry_.state_generation(), g);
+  g = registry_.state_generation();
+
+  clock_.Advance(absl::Seconds(10));
+  registry_.Tick({"dp-1"});  // the block turns half-open
+  EXPECT_GT(registry_.state_generation(), g);
+  g = registry_.state_generation();
+
+  ASSERT_TRUE(registry_.ApplyAction(a, v1::KEY_ACTION_ENABLE, absl::ZeroDuration(), "", "op").ok());
+  EXPECT_GT(registry_.state_generation(), g);
+  g = registry_.state_generation();
+
+  ASSERT_TRUE(registry_.SetState(a, v1::KEY_STATE_DISABLED, "x", absl::InfinitePast()));
+  EXPECT_GT(registry_.state_generation(), g);
 }
 
 }  // namespace
