@@ -202,10 +202,9 @@ std::vector<KeyRegistry::StateChange> KeyRegistry::ApplyReport(const v1::ReportR
           }
         } else if (std::find(e->forbidden_models.begin(), e->forbidden_models.end(),
                              outcome.model()) == e->forbidden_models.end()) {
+          // The key's state does not change (other models still work), so its state fields
+          // keep describing the state; the refusal shows in forbidden_models.
           e->forbidden_models.push_back(outcome.model());
-          e->state_status = outcome.http_status();
-          e->state_message = message;
-          e->state_actor = actor;
           ++state_generation_;
           change.upserted.push_back(e->id);
         }

@@ -75,6 +75,30 @@ std::string FormatShortDuration(absl::Duration d) {
   return absl::StrFormat("%dd%02dh", s / 86400, s % 86400 / 3600);
 }
 
+std::string WrapText(absl::string_view text, size_t width, absl::string_view indent) {
+  std::string out;
+  std::string line;
+  const size_t indent_width = DisplayWidth(indent);
+  size_t line_width = 0;
+  for (absl::string_view word :
+       absl::StrSplit(text, absl::ByAnyChar(" \t\r\n"), absl::SkipEmpty())) {
+    const size_t word_width = DisplayWidth(word);
+    if (!line.empty() && indent_width + line_width + 1 + word_width > width) {
+      absl::StrAppend(&out, indent, line, "\n");
+      line.clear();
+      line_width = 0;
+    }
+    if (!line.empty()) {
+      line += ' ';
+      ++line_width;
+    }
+    absl::StrAppend(&line, word);
+    line_width += word_width;
+  }
+  if (!line.empty()) absl::StrAppend(&out, indent, line, "\n");
+  return out;
+}
+
 TextTable::TextTable(std::vector<Column> columns) : columns_(std::move(columns)) {}
 
 void TextTable::AddRow(std::vector<std::string> cells) { rows_.push_back(std::move(cells)); }
@@ -434,11 +458,22 @@ absl::optional<UsageError> ParseCommandLine(const std::vector<std::string>& args
   }
   if (inv->help) return absl::nullopt;
   if (inv->args.size() < command.min_args || inv->args.size() > command.max_args) {
-    std::string message =
-        command.max_args == 0
-            ? absl::StrCat("'", command.name, "' takes no arguments (got '", inv->args.front(),
-                           "')")
-            : absl::StrCat("wrong number of arguments for '", command.name, "'");
+    std::vector<std::string> subcommands;
+    for (const Command& c : Commands()) {
+      if (absl::StartsWith(c.name, absl::StrCat(command.name, " "))) subcommands.push_back(c.name);
+    }
+    std::string message;
+    if (command.max_args == 0 && !subcommands.empty()) {
+      message = absl::StrCat("'", command.name, "' has no subcommand '", inv->args.front(),
+                             "' (there are: ", absl::StrJoin(subcommands, ", "), ")");
+    } else if (command.max_args == 0) {
+      message =
+          absl::StrCat("'", command.name, "' takes no arguments (got '", inv->args.front(), "')");
+    } else if (inv->args.size() < command.min_args) {
+      message = absl::StrCat("missing argument for '", command.name, "'");
+    } else {
+      message = absl::StrCat("wrong number of arguments for '", command.name, "'");
+    }
     return UsageError{message, &command};
   }
   return absl::nullopt;
@@ -525,6 +560,13 @@ class Session {
       case grpc::StatusCode::FAILED_PRECONDITION:
         // By contract the message is the reason the operation could not be applied.
         return Fail(kCtlFailed, message);
+      case grpc::StatusCode::NOT_FOUND:
+        // "no key at index 7 (there are 3)": the message says it all.
+        return Fail(kCtlFailed, message);
+      case grpc::StatusCode::INVALID_ARGUMENT:
+        // The request was wrong (an ambiguous key prefix, a duration out of range): to the
+        // user that is a usage error.
+        return Fail(kCtlUsage, message);
       case grpc::StatusCode::UNIMPLEMENTED:
         return Fail(kCtlFailed, absl::StrCat(where, " does not support ", rpc,
                                              " (is it older than sflbctl ", kVersion, "?)"));
@@ -684,10 +726,33 @@ const KeyColumn kStateColumn{
       return state;
     },
     nullptr};
+// The state alone, for tables that show the time left in a LEFT column.
+const KeyColumn kStateNameColumn{
+    "STATE", TextTable::Align::kLeft,
+    [](const v1::KeyStatus& k, absl::Time) { return StateName(k.state()); }, nullptr};
+// Time left of a state that ends on its own (cooling), else "-".
+const KeyColumn kLeftColumn{"LEFT", TextTable::Align::kRight,
+                            [](const v1::KeyStatus& k, absl::Time now) {
+                              if (!k.has_state_until()) return std::string("-");
+                              absl::Time until = FromProtoTime(k.state_until());
+                              return until > now ? FormatShortDuration(until - now)
+                                                 : std::string("-");
+                            },
+                            nullptr};
+// "1 model forbidden", "3 models forbidden": the per-model 403s of the key's account.
+std::string ForbiddenSummary(const v1::KeyStatus& k) {
+  const int n = k.forbidden_models_size();
+  return absl::StrCat(n, n == 1 ? " model" : " models", " forbidden");
+}
 const KeyColumn kReasonColumn{"REASON", TextTable::Align::kLeft,
                               [](const v1::KeyStatus& k, absl::Time) {
-                                return k.state_reason().empty() ? std::string("-")
-                                                                : OneLine(k.state_reason());
+                                std::string reason = OneLine(k.state_reason());
+                                if (k.forbidden_models_size() > 0) {
+                                  reason = reason.empty()
+                                               ? ForbiddenSummary(k)
+                                               : absl::StrCat(reason, "; ", ForbiddenSummary(k));
+                                }
+                                return reason.empty() ? std::string("-") : reason;
                               },
                               nullptr};
 const KeyColumn kRequestsColumn{"REQUESTS", TextTable::Align::kRight,
@@ -735,6 +800,73 @@ void PrintKeyTable(const google::protobuf::RepeatedPtrField<v1::KeyStatus>& keys
 }
 
 // ---------------------------------------------------------------------------------------------
+// Rate-limit blocks, shared by `stats` and `keys show`.
+
+// "cooling", "half-open".
+std::string PhaseName(v1::BlockPhase phase) {
+  absl::string_view name = v1::BlockPhase_Name(phase);
+  absl::ConsumePrefix(&name, "BLOCK_PHASE_");
+  return absl::StrReplaceAll(absl::AsciiStrToLower(name), {{"_", "-"}});
+}
+
+std::string BlockAccount(const v1::ScopeBlock& b) {
+  if (b.account() == "*") return "* (pool-wide)";
+  return b.account().empty() ? std::string("-") : b.account();
+}
+
+std::string BlockModel(const v1::ScopeBlock& b) {
+  if (b.model() == "*") return "* (all models)";
+  return b.model().empty() ? std::string("-") : b.model();
+}
+
+// Time left of a cooling block ("42s"); "-" once it is half-open or over.
+std::string BlockLeft(const v1::ScopeBlock& b, absl::Time now) {
+  if (b.phase() != v1::BLOCK_PHASE_COOLING || !b.has_until()) return "-";
+  absl::Time until = FromProtoTime(b.until());
+  return until > now ? FormatShortDuration(until - now) : std::string("-");
+}
+
+// For the detailed view: "2026-11-26T13:00:00.123Z (42s left)", or "ended 3s ago" when the
+// cooling phase is over (half-open: waiting for the probe).
+std::string BlockUntil(const v1::ScopeBlock& b, absl::Time now) {
+  if (!b.has_until()) return "-";
+  absl::Time until = FromProtoTime(b.until());
+  if (until > now) {
+    return absl::StrCat(FormatIso8601(until), " (", FormatShortDuration(until - now), " left)");
+  }
+  return absl::StrCat("ended ", FormatTimeAgo(until, now));
+}
+
+// `detailed`: the UNTIL/LEFT column with the end time, and the upstream message as REASON.
+void PrintBlockTable(const google::protobuf::RepeatedPtrField<v1::ScopeBlock>& blocks,
+                     bool detailed, absl::Time now, std::ostream& out) {
+  std::vector<TextTable::Column> columns = {
+      {"ACCOUNT"},
+      {"MODEL"},
+      {"PHASE"},
+      {"LIMIT"},
+      detailed ? TextTable::Column{"UNTIL/LEFT"}
+               : TextTable::Column{"LEFT", TextTable::Align::kRight},
+      {"STRIKES", TextTable::Align::kRight},
+      {"PROBE BY"}};
+  if (detailed) columns.push_back({"REASON"});
+  TextTable table(std::move(columns));
+  for (const v1::ScopeBlock& b : blocks) {
+    std::vector<std::string> row = {
+        BlockAccount(b),
+        BlockModel(b),
+        PhaseName(b.phase()),
+        b.limit().empty() ? std::string("-") : b.limit(),
+        detailed ? BlockUntil(b, now) : BlockLeft(b, now),
+        absl::StrCat(b.strikes()),
+        b.probe_replica().empty() ? std::string("-") : b.probe_replica()};
+    if (detailed) row.push_back(b.reason().empty() ? std::string("-") : OneLine(b.reason()));
+    table.AddRow(std::move(row));
+  }
+  table.Print(out);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Commands. Each returns a CtlExitCode.
 
 int StatsCommand(Session& s) {
@@ -752,6 +884,8 @@ int StatsCommand(Session& s) {
                                               " active")});
         summary.AddRow({"Requests:", absl::StrCat(r.total_requests())});
         summary.AddRow({"Leased:", absl::StrCat(r.leased_total())});
+        summary.AddRow({"Controlplane RPCs:",
+                        absl::StrCat(r.lease_calls(), " lease, ", r.report_calls(), " report")});
         summary.AddRow({"Watching replicas:", absl::StrCat(r.watching_replicas())});
         summary.AddRow({"Snapshot version:", absl::StrCat(r.snapshot_version())});
         summary.AddRow({"Source:", r.source().empty() ? "-" : r.source()});
@@ -762,6 +896,10 @@ int StatsCommand(Session& s) {
                       {&kIndexColumn, &kKeyColumn, &kFingerprintColumn, &kAccountColumn,
                        &kStateColumn, &kRequestsColumn, &kLastUsedColumn, &kTokensColumn},
                       s.now(), s.out());
+        if (r.blocks_size() > 0) {
+          s.out() << "\nRate-limit blocks (" << r.blocks_size() << "):\n";
+          PrintBlockTable(r.blocks(), /*detailed=*/false, s.now(), s.out());
+        }
       });
 }
 
@@ -788,10 +926,123 @@ int KeysCommand(Session& s) {
                        }
                        PrintKeyTable(r.keys(),
                                      {&kIndexColumn, &kKeyColumn, &kFingerprintColumn,
-                                      &kAccountColumn, &kStateColumn, &kReasonColumn,
-                                      &kRequestsColumn, &kLastUsedColumn},
+                                      &kAccountColumn, &kStateNameColumn, &kLeftColumn,
+                                      &kReasonColumn, &kRequestsColumn, &kLastUsedColumn},
                                      s.now(), s.out());
                      });
+}
+
+// "Key 3 (sk-ab…wxyz, fingerprint 0123456789ab)".
+std::string KeyLabel(const v1::KeyStatus& k) {
+  return absl::StrCat("Key ", k.index(), " (", k.masked(), ", fingerprint ", k.fingerprint(), ")");
+}
+
+// "2026-11-26T13:00:00.123Z (3m ago)"; "-" for an unset time.
+std::string TimeWithAge(const google::protobuf::Timestamp& t, absl::Time now) {
+  absl::Time when = FromProtoTime(t);
+  if (when == absl::InfinitePast()) return "-";
+  return absl::StrCat(FormatIso8601(when), " (", FormatTimeAgo(when, now), ")");
+}
+
+int KeysShowCommand(Session& s) {
+  v1::GetKeyRequest request;
+  request.set_key(s.args()[0]);
+  return s.CallAdmin(
+      "GetKey", &v1::AdminService::Stub::GetKey, request, [&s](const v1::GetKeyResponse& r) {
+        const v1::KeyStatus& k = r.key();
+        const absl::Time now = s.now();
+        std::string until = "-";
+        if (k.has_state_until()) {
+          absl::Time t = FromProtoTime(k.state_until());
+          until = t > now
+                      ? absl::StrCat(FormatIso8601(t), " (", FormatShortDuration(t - now), " left)")
+                      : absl::StrCat(FormatIso8601(t), " (ended ", FormatTimeAgo(t, now), ")");
+        }
+        std::string upstream = "-";
+        if (k.state_status() != 0 || !k.state_message().empty()) {
+          upstream = k.state_status() != 0 ? absl::StrCat("HTTP ", k.state_status()) : "";
+          if (!k.state_message().empty()) {
+            absl::StrAppend(&upstream, upstream.empty() ? "" : ": ", OneLine(k.state_message()));
+          }
+        }
+        TextTable fields({{""}, {""}});
+        fields.AddRow({"Index:", absl::StrCat(k.index())});
+        fields.AddRow({"Key:", k.masked()});
+        fields.AddRow({"Fingerprint:", k.fingerprint()});
+        fields.AddRow({"Id:", absl::StrCat(k.id())});
+        fields.AddRow({"Account:", k.account().empty() || k.account() == k.fingerprint()
+                                       ? std::string("- (the key is its own rate-limit scope)")
+                                       : k.account()});
+        fields.AddRow({"State:", kStateColumn.cell(k, now)});
+        fields.AddRow({"Reason:", k.state_reason().empty() ? "-" : OneLine(k.state_reason())});
+        fields.AddRow({"Since:", TimeWithAge(k.state_since(), now)});
+        fields.AddRow({"Until:", until});
+        fields.AddRow({"Upstream said:", upstream});
+        fields.AddRow({"Set by:", k.state_actor().empty() ? "-" : k.state_actor()});
+        fields.AddRow({"Requests:", absl::StrCat(k.request_count())});
+        fields.AddRow({"Last used:",
+                       k.has_last_used() ? TimeWithAge(k.last_used(), now) : std::string("never")});
+        fields.AddRow({"Tokens:", absl::StrCat(TokenCount(k), " (", k.prompt_tokens(), " prompt, ",
+                                               k.completion_tokens(), " completion)")});
+        fields.AddRow({"Forbidden models:",
+                       k.forbidden_models().empty()
+                           ? std::string("-")
+                           : absl::StrCat(absl::StrJoin(k.forbidden_models(), ", "), " (403)")});
+        fields.AddRow({"Added:", TimeWithAge(k.added_at(), now)});
+        fields.Print(s.out());
+        s.out() << "\n";
+        if (r.blocks().empty()) {
+          s.out() << "Rate-limit blocks: none\n";
+        } else {
+          s.out() << "Rate-limit blocks (" << r.blocks_size() << "):\n";
+          PrintBlockTable(r.blocks(), /*detailed=*/true, now, s.out());
+        }
+        if (!r.explanation().empty()) {
+          s.out() << "\nWhy:\n" << WrapText(r.explanation(), 100, "  ");
+        }
+      });
+}
+
+// `keys disable|enable|cooldown KEY`: one SetKeyState call, one line of output.
+int SetKeyStateCommand(Session& s, v1::KeyAction action, absl::string_view verb) {
+  v1::SetKeyStateRequest request;
+  request.set_key(s.args()[0]);
+  request.set_action(action);
+  if (action == v1::KEY_ACTION_COOLDOWN) {
+    absl::optional<std::string> text = s.flag("duration");
+    if (!text.has_value()) {
+      return s.UsageFailure("keys cooldown needs --duration, e.g. --duration 5m");
+    }
+    absl::optional<absl::Duration> duration = ParseDurationSetting(*text);
+    if (!duration.has_value() || *duration <= absl::ZeroDuration()) {
+      return s.UsageFailure(absl::StrCat(
+          "--duration: expected a positive duration like 90s, 5m or 1h, got '", *text, "'"));
+    }
+    *request.mutable_duration() = ToProtoDuration(*duration);
+  }
+  if (absl::optional<std::string> reason = s.flag("reason")) {
+    request.set_reason(*reason);
+  } else {
+    absl::optional<std::string> user = s.env()("USER");
+    request.set_reason(user.has_value() && !user->empty()
+                           ? absl::StrCat("sflbctl ", verb, " by ", *user)
+                           : absl::StrCat("sflbctl ", verb));
+  }
+  return s.CallAdmin("SetKeyState", &v1::AdminService::Stub::SetKeyState, request,
+                     [&s](const v1::SetKeyStateResponse& r) {
+                       const v1::KeyStatus& k = r.key();
+                       s.out() << KeyLabel(k) << " is now " << kStateColumn.cell(k, s.now());
+                       if (!k.state_reason().empty()) s.out() << ": " << OneLine(k.state_reason());
+                       s.out() << "\n";
+                     });
+}
+
+int KeysDisableCommand(Session& s) {
+  return SetKeyStateCommand(s, v1::KEY_ACTION_DISABLE, "disable");
+}
+int KeysEnableCommand(Session& s) { return SetKeyStateCommand(s, v1::KEY_ACTION_ENABLE, "enable"); }
+int KeysCooldownCommand(Session& s) {
+  return SetKeyStateCommand(s, v1::KEY_ACTION_COOLDOWN, "cooldown");
 }
 
 int ReloadCommand(Session& s) {
@@ -852,21 +1103,89 @@ int VersionCommand(Session& s) {
 // The command table. Keep it in the order `sflbctl help` should list it.
 const std::vector<Command>& Commands() {
   static const auto* commands = new std::vector<Command>{
-      {"stats", "", "Pool totals, then one row per key with its usage",
-       "Columns: INDEX, KEY (masked), FINGERPRINT, ACCOUNT ('-': the key is its own rate-limit\n"
-       "scope), STATE, REQUESTS, LAST USED, TOKENS (prompt + completion).\n",
-       {}, 0, 0, StatsCommand},
-      {"keys", "[--state STATE]", "List the keys (masked) with their state and why", "",
+      {"stats",
+       "",
+       "Pool totals, one row per key with its usage, and the rate-limit blocks",
+       "Summary: key counts, requests, leased assignments, Lease/Report calls answered, watching\n"
+       "replicas, snapshot version, key source, uptime.\n"
+       "Key columns: INDEX, KEY (masked), FINGERPRINT, ACCOUNT ('-': the key is its own\n"
+       "rate-limit scope), STATE, REQUESTS, LAST USED, TOKENS (prompt + completion).\n"
+       "Rate-limit blocks (only when there are any): a 429 blocks an (ACCOUNT, MODEL) scope for\n"
+       "every key of the account; ACCOUNT '*' is pool-wide, MODEL '*' every model. PHASE is\n"
+       "cooling (no traffic for LEFT) or half-open (only the replica in PROBE BY may send one\n"
+       "probe request). LIMIT is what was hit (TPM, RPM, ...), STRIKES the 429s in a row.\n",
+       {},
+       0,
+       0,
+       StatsCommand},
+      {"keys",
+       "[--state STATE]",
+       "List the keys (masked) with their state and why",
+       "Columns: INDEX, KEY (masked), FINGERPRINT, ACCOUNT ('-': its own rate-limit scope),\n"
+       "STATE, LEFT (time until a cooling key is back), REASON (why the state; plus how many\n"
+       "models its account is refused), REQUESTS, LAST USED. Rate-limit blocks of accounts\n"
+       "are in 'sflbctl stats' and 'sflbctl keys show KEY'.\n",
        {{"state", "STATE",
          absl::StrCat("only keys in STATE: ", absl::StrJoin(FilterableStates(), ", "))}},
-       0, 0, KeysCommand},
-      {"reload", "[--reason TEXT]",
+       0,
+       0,
+       KeysCommand},
+      {"keys show",
+       "KEY",
+       "One key in detail, the blocks on it, and why it is (not) used",
+       "KEY is an index (3), a fingerprint or a unique prefix of it (6+ hex digits), or id:N.\n"
+       "Prints the key's state with its reason, since/until, the upstream answer that caused\n"
+       "it and who set it; its usage and forbidden models; the rate-limit blocks of its account\n"
+       "and pool-wide ones; and the controlplane's explanation. --json prints GetKeyResponse.\n"
+       "Exit 1 if no key matches, 2 if the reference is ambiguous or malformed.\n",
+       {},
+       1,
+       1,
+       KeysShowCommand},
+      {"keys disable",
+       "KEY [--reason TEXT]",
+       "Take a key out of rotation until enabled",
+       "KEY as in 'keys show'. Prints the key's new state; --json prints SetKeyStateResponse.\n",
+       {{"reason", "TEXT", "recorded with the state (default: 'sflbctl disable by $USER')"}},
+       1,
+       1,
+       KeysDisableCommand},
+      {"keys enable",
+       "KEY [--reason TEXT]",
+       "Put a key back into rotation (clears disabled, invalid, depleted, cooling)",
+       "Also forgets the models refused to the key's account and lifts its account's\n"
+       "rate-limit blocks. KEY as in 'keys show'.\n",
+       {{"reason", "TEXT", "recorded with the state (default: 'sflbctl enable by $USER')"}},
+       1,
+       1,
+       KeysEnableCommand},
+      {"keys cooldown",
+       "KEY --duration DURATION [--reason TEXT]",
+       "Take a key out of rotation for a while",
+       "The key is cooling for DURATION (1s .. 7 days), then active again. KEY as in\n"
+       "'keys show'.\n",
+       {{"duration", "DURATION", "how long, e.g. 90s, 5m or 1h (required)"},
+        {"reason", "TEXT", "recorded with the state (default: 'sflbctl cooldown by $USER')"}},
+       1,
+       1,
+       KeysCooldownCommand},
+      {"reload",
+       "[--reason TEXT]",
        "Re-read the key source (keys file, else SILICONFLOW_API_KEY_N)",
        "Atomic: if the source has no usable key, the running keys stay and sflbctl exits 1.\n",
-       {{"reason", "TEXT", "recorded in the controlplane's log (default: 'sflbctl reload by $USER')"}},
-       0, 0, ReloadCommand},
-      {"help", "[COMMAND]", "Show the command list, or one command's usage", "", {}, 0,
-       kAnyNumber, HelpCommand},
+       {{"reason", "TEXT",
+         "recorded in the controlplane's log (default: 'sflbctl reload by $USER')"}},
+       0,
+       0,
+       ReloadCommand},
+      {"help",
+       "[COMMAND]",
+       "Show the command list, or one command's usage",
+       "",
+       {},
+       0,
+       kAnyNumber,
+       HelpCommand},
       {"version", "", "Print sflbctl's version", "", {}, 0, 0, VersionCommand},
   };
   return *commands;

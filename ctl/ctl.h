@@ -6,6 +6,14 @@
 // a process. Commands live in one table in ctl.cc ({name, usage, summary, flags, handler}):
 // adding a command is adding an entry. Every command that talks to the controlplane prints
 // either an aligned table for people or, with --json, the RPC response as one JSON object.
+//
+//   stats                      pool totals, the key table, the rate-limit blocks
+//   keys [--state STATE]       the keys with state, time left and why
+//   keys show KEY              one key in detail, the blocks on it, why it is (not) used
+//   keys disable|enable KEY    operator state changes; keys cooldown KEY --duration 5m
+//   reload, help, version
+//
+// KEY is an index ("3"), a fingerprint or a unique prefix of it (6+ hex digits), or "id:N".
 #ifndef SFLB_CTL_CTL_H_
 #define SFLB_CTL_CTL_H_
 
@@ -50,6 +58,11 @@ std::string FormatTimeAgo(absl::Time when, absl::Time now);
 
 // A compact duration: "42s", "3m07s", "1h02m", "2d03h". Negative durations print as "0s".
 std::string FormatShortDuration(absl::Duration d);
+
+// Word-wraps `text` (newlines count as spaces, runs of spaces collapse) into lines of at most
+// `width` display columns including `indent`, each prefixed by `indent` and ended by "\n".
+// A word longer than the line stays whole on a line of its own. Empty text gives "".
+std::string WrapText(absl::string_view text, size_t width, absl::string_view indent = "");
 
 // An aligned text table for terminals:
 //

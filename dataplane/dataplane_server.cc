@@ -10,6 +10,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
+#include "common/metrics_server.h"
+#include "dataplane/dataplane_metrics.h"
 #include "common/signals.h"
 #include "common/time_format.h"
 #include "common/version.h"
@@ -67,6 +69,10 @@ struct Dataplane {
   std::unique_ptr<Proxy> proxy;
   std::unique_ptr<ClientAuth> auth;
   std::unique_ptr<AdminClient> admin;
+  DataplaneMetrics metrics;
+  std::unique_ptr<MetricsServer> metrics_server;
+  // The connection thread pool httplib created (owned by httplib while it listens).
+  std::atomic<ElasticThreadPool*> thread_pool{nullptr};
   std::atomic<bool> draining{false};
   absl::Time started_at = absl::Now();
 
@@ -260,6 +266,7 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
   auto forward = [dp](const httplib::Request& req, httplib::Response& res, std::string body) {
     auto record = std::make_shared<RequestRecord>();
     record->enabled = dp->options.request_log;
+    record->metrics = &dp->metrics;
     record->request_id = res.get_header_value(kRequestIdHeader);
     record->started = absl::Now();
     record->client_ip = req.remote_addr;
@@ -361,6 +368,8 @@ void RegisterDataplaneOptions(OptionParser* parser, DataplaneOptions* o) {
                       "How long an idle client connection is kept open");
   parser->AddDuration("drain-grace", "SFLB_DRAIN_GRACE", &o->drain_grace,
                       "On SIGTERM, keep accepting this long (readyz fails) before closing");
+  parser->AddString("metrics-listen", "SFLB_METRICS_LISTEN", &o->metrics_listen,
+                    "Prometheus /metrics listener host:port, or 'off'");
   parser->AddString("log-level", "SFLB_LOG_LEVEL", &o->log_level,
                     "Log level: debug, info, warning, error");
   parser->AddBool("request-log", "SFLB_REQUEST_LOG", &o->request_log,
@@ -415,7 +424,16 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
   proxy_options.max_attempts = static_cast<int>(options.max_attempts);
   proxy_options.stream_first_byte_timeout = options.stream_first_byte_timeout;
   proxy_options.cooldown.default_cooldown = options.default_cooldown;
-  dp->proxy = std::make_unique<Proxy>(proxy_options, dp->upstream.get(), &dp->pool, &dp->reports);
+  dp->proxy = std::make_unique<Proxy>(proxy_options, dp->upstream.get(), &dp->pool, &dp->reports,
+                                      &dp->metrics);
+  if (options.metrics_listen != "off") {
+    absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
+        MetricsServer::Start(options.metrics_listen, dp->metrics.registry());
+    if (!metrics.ok()) return metrics.status();
+    dp->metrics_server = std::move(*metrics);
+    LogInfo("metrics_listening", {{"address", options.metrics_listen},
+                                  {"port", dp->metrics_server->port()}});
+  }
   dp->auth = std::make_unique<ClientAuth>(options.api_key, options.admin_key);
   dp->admin = std::make_unique<AdminClient>(MakeControlplaneChannel(options.controlplane),
                                             options.admin_key, absl::Seconds(5),
@@ -423,8 +441,11 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
 
   httplib::Server server;
   size_t max_connections = static_cast<size_t>(options.max_connections);
-  server.new_task_queue = [max_connections] {
-    return new ElasticThreadPool(max_connections, /*min_idle=*/8, absl::Seconds(30));
+  Dataplane* dp_raw = dp.get();
+  server.new_task_queue = [max_connections, dp_raw] {
+    auto* pool = new ElasticThreadPool(max_connections, /*min_idle=*/8, absl::Seconds(30));
+    dp_raw->thread_pool.store(pool);
+    return pool;
   };
   auto to_parts = [](absl::Duration d, time_t* sec, time_t* usec) {
     int64_t us = absl::ToInt64Microseconds(d);
@@ -472,12 +493,19 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
 
   for (;;) {
     int sig = WaitForSignal(absl::Seconds(1));
+    dp->metrics.SetPool(dp->pool.key_count(), dp->pool.eligible_count(),
+                        dp->pool.leased_remaining(), dp->link->connected());
+    if (ElasticThreadPool* threads = dp->thread_pool.load()) {
+      ElasticThreadPool::Stats st = threads->stats();
+      dp->metrics.SetThreads(st.threads, st.busy, st.queued);
+    }
     if (sig == SIGTERM || sig == SIGINT) {
       LogInfo("draining", {{"signal", sig}, {"grace_ms", absl::ToInt64Milliseconds(options.drain_grace)}});
       break;
     }
   }
   dp->draining.store(true);
+  dp->thread_pool.store(nullptr);
   if (options.drain_grace > absl::ZeroDuration()) absl::SleepFor(options.drain_grace);
   server.stop();  // closes the listener; the task queue's shutdown waits for in-flight requests
   listener.join();

@@ -48,6 +48,8 @@ struct DataplaneOptions {
   // Draining on SIGTERM: how long to keep accepting (so load balancers notice /readyz), then
   // how long in-flight requests get.
   absl::Duration drain_grace = absl::Seconds(0);
+  // Prometheus metrics listener (SFLB_METRICS_LISTEN), "off" to disable.
+  std::string metrics_listen = "0.0.0.0:9090";
   // Log level and whether to write one log line per request.
   std::string log_level = "info";
   bool request_log = true;

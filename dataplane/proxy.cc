@@ -80,6 +80,7 @@ struct StreamState {
   std::shared_ptr<RequestRecord> record;
   // Body bytes read before committing (the first piece of a stream), sent first.
   std::string pending;
+  DataplaneMetrics* metrics = nullptr;
   bool sse = false;
   // SSE bookkeeping: whether the bytes forwarded so far end at an event boundary, and the
   // current partial line (to find usage objects).
@@ -121,8 +122,9 @@ struct StreamState {
 
 }  // namespace
 
-Proxy::Proxy(ProxyOptions options, UpstreamClient* client, KeyPool* pool, ReportBuffer* reports)
-    : options_(options), client_(client), pool_(pool), reports_(reports) {}
+Proxy::Proxy(ProxyOptions options, UpstreamClient* client, KeyPool* pool, ReportBuffer* reports,
+             DataplaneMetrics* metrics)
+    : options_(options), client_(client), pool_(pool), reports_(reports), metrics_(metrics) {}
 
 void Proxy::Forward(const httplib::Request& req, const std::string& path, std::string body,
                     const std::shared_ptr<RequestRecord>& record, httplib::Response& res) {
@@ -191,6 +193,7 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
     absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent = client_->Send(upstream, nullptr, cancel);
     if (!sent.ok()) {
       last_transport_error = sent.status();
+      if (metrics_ != nullptr) metrics_->RecordRetry("transport");
       report(*key, v1::OUTCOME_KIND_TRANSPORT_ERROR, 0, std::string(sent.status().message()),
              absl::nullopt, probe, now);
       finish_probe();
@@ -215,6 +218,7 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
       if (const std::string* ra = head.Find("Retry-After")) retry_after = ParseRetryAfter(*ra, now);
       report(*key, OutcomeFor(head.status), head.status, message, retry_after, probe, now);
       finish_probe();
+      if (metrics_ != nullptr) metrics_->RecordRetry(absl::StrCat("status_", head.status));
       if (head.status == 429) {
         // Keep this replica off the (account, model) scope right away; the controlplane's
         // block reaches every replica within a round trip.
@@ -252,6 +256,7 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
                           "no first byte within ",
                           absl::FormatDuration(options_.stream_first_byte_timeout)))
                     : first.status();
+        if (metrics_ != nullptr) metrics_->RecordRetry(stalled ? "first_byte_timeout" : "transport");
         report(*key, v1::OUTCOME_KIND_TRANSPORT_ERROR, head.status,
                std::string(last_transport_error.message()), absl::nullopt, probe, now);
         finish_probe();
@@ -270,6 +275,7 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
 
     // Commit: this response goes to the client.
     result.time_to_first_byte = absl::Now() - result.started;
+    result.upstream_answered = true;
     res.status = head.status;
     result.status = head.status;
     std::string content_type;
@@ -321,6 +327,8 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
     state->sse = absl::StartsWithIgnoreCase(content_type, "text/event-stream");
     state->started = absl::Now();
     state->pending = std::move(first_piece);
+    state->metrics = metrics_;
+    if (metrics_ != nullptr) metrics_->StreamStarted();
     auto provider = [state](size_t /*offset*/, httplib::DataSink& sink) -> bool {
       absl::StatusOr<absl::string_view> piece;
       if (!state->pending.empty()) {
@@ -373,6 +381,7 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
         state->reports->RecordTokens(state->key->id, state->prompt_tokens,
                                      state->completion_tokens);
       }
+      if (state->metrics != nullptr) state->metrics->StreamEnded();
       state->exchange.reset();  // back to the pool if the body was complete
       state->record.reset();    // writes the request log line if nobody else holds it
     };

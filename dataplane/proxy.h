@@ -13,6 +13,7 @@
 
 #include "absl/time/time.h"
 #include "common/cooldown_policy.h"
+#include "dataplane/dataplane_metrics.h"
 #include "dataplane/key_pool.h"
 #include "dataplane/report_buffer.h"
 #include "dataplane/request_record.h"
@@ -37,8 +38,9 @@ struct ProxyOptions {
 
 class Proxy {
  public:
-  // All pointers must outlive the proxy.
-  Proxy(ProxyOptions options, UpstreamClient* client, KeyPool* pool, ReportBuffer* reports);
+  // All pointers must outlive the proxy; `metrics` may be null.
+  Proxy(ProxyOptions options, UpstreamClient* client, KeyPool* pool, ReportBuffer* reports,
+        DataplaneMetrics* metrics = nullptr);
 
   // Forwards `req` (whose body was read into `body`) to `path` (the client path with any /v1
   // prefix removed) and fills `res`: status and headers always; the body either directly or
@@ -52,6 +54,7 @@ class Proxy {
   UpstreamClient* const client_;
   KeyPool* const pool_;
   ReportBuffer* const reports_;
+  DataplaneMetrics* const metrics_;
 };
 
 }  // namespace sflb

@@ -5,11 +5,17 @@
 #include "absl/time/clock.h"
 #include "common/log.h"
 #include "common/time_format.h"
+#include "dataplane/dataplane_metrics.h"
 #include "nlohmann/json.hpp"
 
 namespace sflb {
 
 RequestRecord::~RequestRecord() {
+  if (metrics != nullptr) {
+    metrics->RecordRequest(DataplaneMetrics::RouteLabel(path), status, absl::Now() - started,
+                           time_to_first_byte, upstream_answered);
+    if (have_usage) metrics->RecordTokens(model, prompt_tokens, completion_tokens);
+  }
   if (!enabled) return;
   nlohmann::ordered_json line;
   line["ts"] = FormatIso8601(absl::Now());

@@ -12,12 +12,14 @@
 
 namespace sflb {
 
+class DataplaneMetrics;
+
 // Filled by one request thread at a time (the handler, then the stream provider); no locking.
 struct RequestRecord {
   RequestRecord() = default;
   RequestRecord(const RequestRecord&) = delete;
   RequestRecord& operator=(const RequestRecord&) = delete;
-  // Writes the log line if `enabled`.
+  // Records metrics and writes the log line (if `enabled`).
   ~RequestRecord();
 
   bool enabled = true;
@@ -42,6 +44,10 @@ struct RequestRecord {
   uint64_t completion_tokens = 0;
   // The stream ended early: client gone or upstream broke.
   std::string stream_end;
+  // Where the request's metrics go (may be null).
+  DataplaneMetrics* metrics = nullptr;
+  // The upstream answered (TTFB is meaningful).
+  bool upstream_answered = false;
 };
 
 // Random 16-hex-digit id. Thread-safe.

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -155,6 +156,96 @@ std::vector<std::string> Lines(const std::string& text) {
   return lines;
 }
 
+// A table without a totals rule (the rate-limit blocks), found by its first header and parsed
+// by the header's positions. Every cell is non-empty ("-" when there is nothing) and free of
+// double spaces, so cells are the runs separated by 2+ spaces; checks that left-aligned cells
+// start where their header starts and right-aligned ones end where it ends.
+std::vector<std::map<std::string, std::string>> ParseHeaderTable(
+    const std::vector<std::string>& lines, const std::string& first_header,
+    const std::vector<std::string>& right_aligned) {
+  struct Run {
+    size_t begin, end;  // code points
+    std::string text;
+  };
+  auto runs_of = [](const std::string& line) {
+    std::vector<std::string> cps = CodePoints(line);
+    std::vector<Run> runs;
+    size_t i = 0;
+    while (i < cps.size()) {
+      if (cps[i] == " ") {
+        ++i;
+        continue;
+      }
+      Run run{i, i, ""};
+      size_t j = i;
+      while (j < cps.size() && !(cps[j] == " " && (j + 1 >= cps.size() || cps[j + 1] == " "))) {
+        run.text += cps[j];
+        ++j;
+      }
+      run.end = j;
+      runs.push_back(run);
+      i = j;
+    }
+    return runs;
+  };
+  std::vector<std::map<std::string, std::string>> rows;
+  size_t header = 0;
+  while (header < lines.size() && !absl::StartsWith(lines[header], first_header)) ++header;
+  EXPECT_LT(header, lines.size()) << "no table starting with " << first_header;
+  if (header >= lines.size()) return rows;
+  std::vector<Run> headers = runs_of(lines[header]);
+  for (size_t i = header + 1; i < lines.size() && !lines[i].empty(); ++i) {
+    std::vector<Run> cells = runs_of(lines[i]);
+    EXPECT_EQ(cells.size(), headers.size()) << "cells of: " << lines[i];
+    if (cells.size() != headers.size()) continue;
+    std::map<std::string, std::string> row;
+    for (size_t c = 0; c < cells.size(); ++c) {
+      const std::string& name = headers[c].text;
+      bool right =
+          std::find(right_aligned.begin(), right_aligned.end(), name) != right_aligned.end();
+      if (right) {
+        EXPECT_EQ(cells[c].end, headers[c].end) << name << " not right-aligned: " << lines[i];
+      } else {
+        EXPECT_EQ(cells[c].begin, headers[c].begin) << name << " not left-aligned: " << lines[i];
+      }
+      row[name] = cells[c].text;
+    }
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+// The "Label:  value" lines at the top of `keys show` (up to the first blank line), by label.
+// Checks that every value starts in the same column.
+std::map<std::string, std::string> ParseFields(const std::vector<std::string>& lines) {
+  std::map<std::string, std::string> fields;
+  size_t value_column = 0;
+  for (const std::string& line : lines) {
+    if (line.empty()) break;
+    size_t colon = line.find(':');
+    EXPECT_NE(colon, std::string::npos) << line;
+    if (colon == std::string::npos) continue;
+    std::string label = line.substr(0, colon);
+    size_t value = line.find_first_not_of(' ', colon + 1);
+    EXPECT_NE(value, std::string::npos) << "no value: " << line;
+    if (value == std::string::npos) continue;
+    // Labels are ASCII, so byte offsets are columns here.
+    if (value_column == 0) value_column = value;
+    EXPECT_EQ(value, value_column) << "value not aligned: " << line;
+    fields[label] = line.substr(value);
+  }
+  return fields;
+}
+
+// The explanation printed after "Why:", unwrapped.
+std::string WhyText(const std::string& out) {
+  size_t why = out.find("\nWhy:\n");
+  if (why == std::string::npos) return "";
+  std::vector<std::string> words =
+      absl::StrSplit(out.substr(why + 6), absl::ByAnyChar(" \n"), absl::SkipEmpty());
+  return absl::StrJoin(words, " ");
+}
+
 class CtlTest : public ::testing::Test {
  protected:
   struct Result {
@@ -177,8 +268,10 @@ class CtlTest : public ::testing::Test {
     ASSERT_TRUE(source_->Reload().ok());
     key_service_ = std::make_unique<KeyServiceImpl>(registry_.get(), absl::Seconds(1));
     started_at_ = absl::Now() - absl::Minutes(62);
+    // No audit log (optional) and no balance checker (only GetBalances uses it).
     admin_ = std::make_unique<AdminServiceImpl>(kAdminKey, registry_.get(), source_.get(),
-                                                key_service_.get(), started_at_);
+                                                key_service_.get(), /*audit=*/nullptr,
+                                                /*balances=*/nullptr, started_at_);
     grpc::ServerBuilder builder;
     int port = 0;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -245,11 +338,48 @@ class CtlTest : public ::testing::Test {
     b->set_key_id(ids[1]);
     b->set_requests(3);
     *b->mutable_last_used() = ToProtoTime(absl::Now() - absl::Minutes(5));
-    registry_->ApplyUsage(report);
+    registry_->ApplyReport(report);
     ASSERT_TRUE(registry_->SetState(ids[1], v1::KEY_STATE_COOLING, "429 rate limited",
                                     absl::Now() + absl::Seconds(90)));
     ASSERT_TRUE(registry_->SetState(ids[2], v1::KEY_STATE_DISABLED, "operator: rotating",
                                     absl::InfinitePast()));
+  }
+
+  // A replica's report of one 429 for `model` with the key at `index`.
+  void ReportRateLimited(size_t index, const std::string& model, const std::string& message) {
+    std::vector<uint64_t> ids = KeyIds();
+    ASSERT_LT(index, ids.size());
+    v1::ReportRequest report;
+    report.set_replica_id("dp-test");
+    v1::KeyOutcome* outcome = report.add_outcomes();
+    outcome->set_key_id(ids[index]);
+    outcome->set_kind(v1::OUTCOME_KIND_RATE_LIMITED);
+    outcome->set_http_status(429);
+    outcome->set_model(model);
+    outcome->set_message(message);
+    *outcome->mutable_observed_at() = ToProtoTime(absl::Now());
+    registry_->ApplyReport(report);
+  }
+
+  // A replica's report of a 403 for `model` (not about balance: the model is refused).
+  void ReportForbiddenModel(size_t index, const std::string& model) {
+    std::vector<uint64_t> ids = KeyIds();
+    ASSERT_LT(index, ids.size());
+    v1::ReportRequest report;
+    report.set_replica_id("dp-test");
+    v1::KeyOutcome* outcome = report.add_outcomes();
+    outcome->set_key_id(ids[index]);
+    outcome->set_kind(v1::OUTCOME_KIND_FORBIDDEN);
+    outcome->set_http_status(403);
+    outcome->set_model(model);
+    outcome->set_message("model access denied");
+    registry_->ApplyReport(report);
+  }
+
+  v1::KeyStatus KeyAt(size_t index) {
+    std::vector<v1::KeyStatus> keys = registry_->ListKeys(v1::KEY_STATE_UNSPECIFIED);
+    EXPECT_LT(index, keys.size());
+    return index < keys.size() ? keys[index] : v1::KeyStatus();
   }
 
   // A port that refuses connections: bound, never listening. Held until TearDown so nobody
@@ -299,6 +429,7 @@ TEST_F(CtlTest, StatsPrintsPoolTotalsAndAlignedKeyTable) {
   EXPECT_THAT(r.out, HasSubstr("Keys:               3 total, 1 active\n"));
   EXPECT_THAT(r.out, HasSubstr("Requests:           15\n"));
   EXPECT_THAT(r.out, HasSubstr("Leased:             0\n"));
+  EXPECT_THAT(r.out, HasSubstr("Controlplane RPCs:  0 lease, 0 report\n"));
   EXPECT_THAT(r.out, HasSubstr("Watching replicas:  0\n"));
   EXPECT_THAT(r.out, HasSubstr(absl::StrCat("Snapshot version:   ", registry_->version(), "\n")));
   EXPECT_THAT(r.out, HasSubstr(absl::StrCat("Source:             ", keys_path_, "\n")));
@@ -331,6 +462,109 @@ TEST_F(CtlTest, StatsPrintsPoolTotalsAndAlignedKeyTable) {
   // Never a secret.
   EXPECT_THAT(r.out, Not(HasSubstr(kKeyA)));
   EXPECT_THAT(r.out, Not(HasSubstr(kAdminKey)));
+  // No blocks, no blocks table.
+  EXPECT_THAT(r.out, Not(HasSubstr("Rate-limit blocks")));
+}
+
+TEST_F(CtlTest, StatsShowsRateLimitBlocksAfterA429) {
+  SeedUsage();
+  const std::string model = "Qwen/Qwen2.5-72B-Instruct";
+  // Key B is of account team-a: the 429 blocks (team-a, model) for keys B and C.
+  ReportRateLimited(1, model,
+                    "Request was rejected due to rate limiting. Details: TPM limit reached.");
+  ASSERT_EQ(registry_->Blocks().size(), 1u);
+
+  Result r = Run({"stats"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  std::vector<std::string> lines = Lines(r.out);
+  // The key table is unchanged and still aligned.
+  ParsedTable keys = ParseTable(lines, {"INDEX", "REQUESTS", "TOKENS"});
+  EXPECT_EQ(keys.rows.size(), 3u);
+  EXPECT_EQ(keys.totals["REQUESTS"], "15");
+  // Then the blocks, after a blank line and a title.
+  auto title = std::find(lines.begin(), lines.end(), "Rate-limit blocks (1):");
+  ASSERT_NE(title, lines.end()) << r.out;
+  ASSERT_NE(title, lines.begin());
+  EXPECT_EQ(*(title - 1), "");
+  EXPECT_THAT(*(title + 1), StartsWith("ACCOUNT"));
+  std::vector<std::map<std::string, std::string>> blocks =
+      ParseHeaderTable(lines, "ACCOUNT", {"LEFT", "STRIKES"});
+  ASSERT_EQ(blocks.size(), 1u) << r.out;
+  EXPECT_EQ(blocks[0]["ACCOUNT"], "team-a");
+  EXPECT_EQ(blocks[0]["MODEL"], model);
+  EXPECT_EQ(blocks[0]["PHASE"], "cooling");
+  EXPECT_EQ(blocks[0]["LIMIT"], "TPM");
+  EXPECT_NE(blocks[0]["LEFT"], "-");
+  EXPECT_EQ(blocks[0]["STRIKES"], "1");
+  EXPECT_EQ(blocks[0]["PROBE BY"], "-");
+  std::vector<std::string> headers;
+  for (const auto& [name, value] : blocks[0]) headers.push_back(name);
+  EXPECT_THAT(headers, ::testing::UnorderedElementsAre("ACCOUNT", "MODEL", "PHASE", "LIMIT", "LEFT",
+                                                       "STRIKES", "PROBE BY"));
+
+  r = Run({"stats", "--json"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["blocks"].size(), 1u);
+  EXPECT_EQ(j["blocks"][0]["account"], "team-a");
+  EXPECT_EQ(j["blocks"][0]["model"], model);
+  EXPECT_EQ(j["blocks"][0]["phase"], "BLOCK_PHASE_COOLING");
+  EXPECT_EQ(j["lease_calls"], "0");
+  EXPECT_EQ(j["report_calls"], "0");
+}
+
+// Pool-wide and all-model blocks, and a half-open one waiting for its probe.
+TEST_F(CtlTest, BlocksTablesShowPoolWideAndHalfOpenBlocks) {
+  // As restored from the state file: a pool-wide block whose cooldown has ended, and one for
+  // every model of team-a. The next tick makes the ended one half-open with a probe replica.
+  const int64_t now_ms = absl::ToUnixMillis(absl::Now());
+  registry_->ImportState(nlohmann::json{{"blocks",
+                                         {{{"account", "*"},
+                                           {"model", "Qwen/QwQ-32B"},
+                                           {"until_unix_ms", now_ms - 5000},
+                                           {"strikes", 3},
+                                           {"limit", "pool-wide"},
+                                           {"reason", "most accounts were rate limited at once"}},
+                                          {{"account", "team-a"},
+                                           {"model", "*"},
+                                           {"until_unix_ms", now_ms + 600000},
+                                           {"strikes", 2},
+                                           {"limit", "RPD"},
+                                           {"reason", "Details: RPD limit reached."}}}}});
+  registry_->Tick({"dp-a"});
+
+  Result r = Run({"stats"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  std::vector<std::map<std::string, std::string>> blocks =
+      ParseHeaderTable(Lines(r.out), "ACCOUNT", {"LEFT", "STRIKES"});
+  ASSERT_EQ(blocks.size(), 2u) << r.out;
+  EXPECT_EQ(blocks[0]["ACCOUNT"], "* (pool-wide)");
+  EXPECT_EQ(blocks[0]["MODEL"], "Qwen/QwQ-32B");
+  EXPECT_EQ(blocks[0]["PHASE"], "half-open");
+  EXPECT_EQ(blocks[0]["LIMIT"], "pool-wide");
+  EXPECT_EQ(blocks[0]["LEFT"], "-");
+  EXPECT_EQ(blocks[0]["STRIKES"], "3");
+  EXPECT_EQ(blocks[0]["PROBE BY"], "dp-a");
+  EXPECT_EQ(blocks[1]["ACCOUNT"], "team-a");
+  EXPECT_EQ(blocks[1]["MODEL"], "* (all models)");
+  EXPECT_EQ(blocks[1]["PHASE"], "cooling");
+  EXPECT_THAT(blocks[1]["LEFT"], AnyOf(StartsWith("9m5"), Eq("10m00s")));
+  EXPECT_EQ(blocks[1]["PROBE BY"], "-");
+
+  // Key A is its own account: only the pool-wide block applies to it.
+  r = Run({"keys", "show", "0"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  blocks = ParseHeaderTable(Lines(r.out), "ACCOUNT", {"STRIKES"});
+  ASSERT_EQ(blocks.size(), 1u) << r.out;
+  EXPECT_EQ(blocks[0]["ACCOUNT"], "* (pool-wide)");
+  EXPECT_EQ(blocks[0]["PHASE"], "half-open");
+  EXPECT_THAT(blocks[0]["UNTIL/LEFT"], StartsWith("ended "));
+  EXPECT_EQ(blocks[0]["REASON"], "most accounts were rate limited at once");
+  EXPECT_THAT(WhyText(r.out), HasSubstr("Rate limited pool-wide for model Qwen/QwQ-32B"));
+  // Key B (team-a): both.
+  r = Run({"keys", "show", "1"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("Rate-limit blocks (2):\n"));
 }
 
 TEST_F(CtlTest, StatsJsonIsTheResponseWithProtoFieldNamesAndDefaults) {
@@ -376,23 +610,43 @@ TEST_F(CtlTest, KeysListsEveryKeyWithReason) {
   SeedUsage();
   Result r = Run({"keys"});
   ASSERT_EQ(r.code, kCtlOk) << r.err;
-  ParsedTable table = ParseTable(Lines(r.out), {"INDEX", "REQUESTS"});
+  ParsedTable table = ParseTable(Lines(r.out), {"INDEX", "LEFT", "REQUESTS"});
   EXPECT_EQ(table.headers,
-            (std::vector<std::string>{"INDEX", "KEY", "FINGERPRINT", "ACCOUNT", "STATE",
+            (std::vector<std::string>{"INDEX", "KEY", "FINGERPRINT", "ACCOUNT", "STATE", "LEFT",
                                       "REASON", "REQUESTS", "LAST USED"}));
   ASSERT_EQ(table.rows.size(), 3u);
+  EXPECT_EQ(table.rows[0]["STATE"], "active");
+  EXPECT_EQ(table.rows[0]["LEFT"], "-");
   EXPECT_EQ(table.rows[0]["REASON"], "-");
+  EXPECT_EQ(table.rows[1]["STATE"], "cooling");
+  EXPECT_THAT(table.rows[1]["LEFT"], AllOf(StartsWith("1m"), ::testing::EndsWith("s")));
   EXPECT_EQ(table.rows[1]["REASON"], "429 rate limited");
+  EXPECT_EQ(table.rows[2]["LEFT"], "-");
   EXPECT_EQ(table.rows[2]["REASON"], "operator: rotating");
   EXPECT_EQ(table.rows[2]["KEY"], MaskKey(kKeyC));
   EXPECT_EQ(table.totals["REQUESTS"], "15");
+}
+
+TEST_F(CtlTest, KeysCountsForbiddenModelsInReason) {
+  SeedUsage();
+  ReportForbiddenModel(0, "deepseek-ai/DeepSeek-R1");
+  ReportForbiddenModel(1, "deepseek-ai/DeepSeek-R1");
+  ReportForbiddenModel(1, "Qwen/QwQ-32B");
+  Result r = Run({"keys"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  ParsedTable table = ParseTable(Lines(r.out), {"INDEX", "LEFT", "REQUESTS"});
+  ASSERT_EQ(table.rows.size(), 3u);
+  EXPECT_EQ(table.rows[0]["STATE"], "active");
+  EXPECT_EQ(table.rows[0]["REASON"], "1 model forbidden");
+  EXPECT_EQ(table.rows[1]["REASON"], "429 rate limited; 2 models forbidden");
+  EXPECT_EQ(table.rows[2]["REASON"], "operator: rotating");
 }
 
 TEST_F(CtlTest, KeysFiltersByState) {
   SeedUsage();
   Result r = Run({"keys", "--state", "disabled"});
   ASSERT_EQ(r.code, kCtlOk) << r.err;
-  ParsedTable table = ParseTable(Lines(r.out), {"INDEX", "REQUESTS"});
+  ParsedTable table = ParseTable(Lines(r.out), {"INDEX", "LEFT", "REQUESTS"});
   ASSERT_EQ(table.rows.size(), 1u);
   EXPECT_EQ(table.rows[0]["INDEX"], "2");
   EXPECT_EQ(table.rows[0]["STATE"], "disabled");
@@ -415,6 +669,329 @@ TEST_F(CtlTest, KeysRejectsUnknownStateWithUsage) {
   EXPECT_THAT(r.err, StartsWith("sflbctl: --state: expected one of active, cooling, invalid, "
                                 "depleted, disabled, got 'sleeping'\n"));
   EXPECT_THAT(r.err, HasSubstr("Usage: sflbctl keys [--state STATE]"));
+}
+
+// ---- keys show ----
+
+TEST_F(CtlTest, KeysShowByIndexPrintsFieldsAndWhy) {
+  SeedUsage();
+  Result r = Run({"keys", "show", "1"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.err, "");
+  std::map<std::string, std::string> f = ParseFields(Lines(r.out));
+  EXPECT_EQ(f["Index"], "1");
+  EXPECT_EQ(f["Key"], MaskKey(kKeyB));
+  EXPECT_EQ(f["Fingerprint"], KeyFingerprint(kKeyB));
+  EXPECT_EQ(f["Id"], absl::StrCat(KeyIds()[1]));
+  EXPECT_EQ(f["Account"], "team-a");
+  EXPECT_THAT(f["State"], AllOf(StartsWith("cooling (1m"), HasSubstr("s left)")));
+  EXPECT_EQ(f["Reason"], "429 rate limited");
+  EXPECT_THAT(f["Since"], ::testing::EndsWith(" (just now)"));
+  EXPECT_THAT(f["Until"], AllOf(HasSubstr("Z (1m"), ::testing::EndsWith("s left)")));
+  EXPECT_EQ(f["Upstream said"], "-");
+  EXPECT_EQ(f["Set by"], "-");
+  EXPECT_EQ(f["Requests"], "3");
+  EXPECT_THAT(f["Last used"], ::testing::EndsWith(" (5m ago)"));
+  EXPECT_EQ(f["Tokens"], "0 (0 prompt, 0 completion)");
+  EXPECT_EQ(f["Forbidden models"], "-");
+  EXPECT_THAT(f["Added"], HasSubstr("Z ("));
+  EXPECT_THAT(r.out, HasSubstr("\nRate-limit blocks: none\n"));
+  EXPECT_THAT(WhyText(r.out), AllOf(StartsWith("Cooling until "), HasSubstr("429 rate limited")));
+  // Wrapped to 100 columns.
+  for (const std::string& line : Lines(r.out)) {
+    EXPECT_LE(CodePoints(line).size(), 100u) << line;
+  }
+  EXPECT_THAT(r.out, Not(HasSubstr(kKeyB)));
+
+  // Key A is its own scope; never used keys say so.
+  r = Run({"keys", "show", "2"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  f = ParseFields(Lines(r.out));
+  EXPECT_EQ(f["State"], "disabled");
+  EXPECT_EQ(f["Until"], "-");
+  EXPECT_EQ(f["Last used"], "never");
+  r = Run({"keys", "show", "0"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  f = ParseFields(Lines(r.out));
+  EXPECT_EQ(f["Account"], "- (the key is its own rate-limit scope)");
+  EXPECT_EQ(f["Tokens"], "120 (100 prompt, 20 completion)");
+  EXPECT_THAT(WhyText(r.out), StartsWith("Active"));
+}
+
+TEST_F(CtlTest, KeysShowByFingerprintPrefixAndId) {
+  const std::string fp = KeyFingerprint(kKeyC);
+  for (const std::string& ref :
+       {fp, fp.substr(0, 6), fp.substr(0, 9), absl::AsciiStrToUpper(fp.substr(0, 8)),
+        absl::StrCat("id:", KeyIds()[2])}) {
+    Result r = Run({"keys", "show", ref});
+    ASSERT_EQ(r.code, kCtlOk) << ref << ": " << r.err;
+    std::map<std::string, std::string> f = ParseFields(Lines(r.out));
+    EXPECT_EQ(f["Index"], "2") << ref;
+    EXPECT_EQ(f["Fingerprint"], fp) << ref;
+  }
+}
+
+TEST_F(CtlTest, KeysShowUnknownKeyExitsOneWithTheServersMessage) {
+  Result r = Run({"keys", "show", "7"});
+  EXPECT_EQ(r.code, kCtlFailed);
+  EXPECT_EQ(r.out, "");
+  EXPECT_EQ(r.err, "sflbctl: no key at index 7 (there are 3)\n");
+
+  r = Run({"keys", "show", "id:999"});
+  EXPECT_EQ(r.code, kCtlFailed);
+  EXPECT_EQ(r.err, "sflbctl: no key with id 999\n");
+
+  // Six hex digits that no fingerprint here starts with.
+  std::string absent;
+  for (char c : std::string("0123456789abcdef")) {
+    absent = absl::StrCat("00000", std::string(1, c));
+    if (!absl::StartsWith(KeyFingerprint(kKeyA), absent) &&
+        !absl::StartsWith(KeyFingerprint(kKeyB), absent) &&
+        !absl::StartsWith(KeyFingerprint(kKeyC), absent)) {
+      break;
+    }
+  }
+  r = Run({"keys", "disable", absent});
+  EXPECT_EQ(r.code, kCtlFailed);
+  EXPECT_EQ(r.err, absl::StrCat("sflbctl: no key with fingerprint ", absent, "\n"));
+}
+
+TEST_F(CtlTest, ShortOrAmbiguousKeyReferenceExitsTwo) {
+  Result r = Run({"keys", "show", "abc"});
+  EXPECT_EQ(r.code, kCtlUsage);
+  EXPECT_EQ(r.out, "");
+  EXPECT_EQ(r.err, "sflbctl: a key reference is an index, a fingerprint (6+ hex digits) or id:N\n");
+
+  // Two keys whose fingerprints share their first 6 hex digits: found by trying (a birthday
+  // search over 16^6 prefixes takes a few thousand tries).
+  std::map<std::string, std::string> by_prefix;
+  std::string first, second, prefix;
+  for (int i = 0; i < 200000 && second.empty(); ++i) {
+    std::string key = absl::StrCat("sk-ambiguous-test-key-", i);
+    std::string p = KeyFingerprint(key).substr(0, 6);
+    auto [it, inserted] = by_prefix.emplace(p, key);
+    if (!inserted) {
+      first = it->second;
+      second = key;
+      prefix = p;
+    }
+  }
+  ASSERT_FALSE(second.empty());
+  WriteFile(keys_path_, absl::StrCat(kKeyA, "\n", first, "\n", second, "\n"));
+  ASSERT_TRUE(source_->Reload().ok());
+  for (const char* command : {"show", "disable", "enable"}) {
+    r = Run({"keys", command, prefix});
+    EXPECT_EQ(r.code, kCtlUsage) << command;
+    EXPECT_EQ(r.err, absl::StrCat("sflbctl: fingerprint prefix '", prefix,
+                                  "' matches more than one key\n"))
+        << command;
+  }
+  EXPECT_EQ(KeyAt(1).state(), v1::KEY_STATE_ACTIVE);
+  EXPECT_EQ(KeyAt(2).state(), v1::KEY_STATE_ACTIVE);
+  // A longer prefix tells them apart.
+  std::string fp = KeyFingerprint(second);
+  size_t n = 7;
+  while (absl::StartsWith(KeyFingerprint(first), fp.substr(0, n))) ++n;
+  r = Run({"keys", "show", fp.substr(0, n)});
+  EXPECT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(ParseFields(Lines(r.out))["Index"], "2");
+}
+
+TEST_F(CtlTest, KeysShowJsonIsTheGetKeyResponse) {
+  SeedUsage();
+  Result r = Run({"keys", "show", "1", "--json"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  ASSERT_EQ(Lines(r.out).size(), 1u);
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["key"]["index"], 1);
+  EXPECT_EQ(j["key"]["fingerprint"], KeyFingerprint(kKeyB));
+  EXPECT_EQ(j["key"]["masked"], MaskKey(kKeyB));
+  EXPECT_EQ(j["key"]["state"], "KEY_STATE_COOLING");
+  EXPECT_EQ(j["key"]["state_reason"], "429 rate limited");
+  EXPECT_EQ(j["key"]["forbidden_models"], nlohmann::json::array());
+  EXPECT_EQ(j["key"]["state_status"], 0);
+  EXPECT_TRUE(j["key"].contains("state_until"));
+  EXPECT_EQ(j["blocks"], nlohmann::json::array());
+  EXPECT_THAT(j["explanation"].get<std::string>(), StartsWith("Cooling until "));
+  EXPECT_THAT(r.out, Not(HasSubstr(kKeyB)));
+}
+
+TEST_F(CtlTest, KeysShowListsTheBlocksOfItsAccount) {
+  SeedUsage();
+  const std::string model = "Qwen/Qwen2.5-72B-Instruct";
+  ReportRateLimited(1, model,
+                    "Request was rejected due to rate limiting. Details: TPM limit reached.");
+  ReportForbiddenModel(2, "deepseek-ai/DeepSeek-R1");
+
+  // Key C shares account team-a with key B, so the block applies to it as well.
+  Result r = Run({"keys", "show", "2"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  std::vector<std::string> lines = Lines(r.out);
+  std::map<std::string, std::string> f = ParseFields(lines);
+  EXPECT_EQ(f["Forbidden models"], "deepseek-ai/DeepSeek-R1 (403)");
+  EXPECT_EQ(f["Upstream said"], "HTTP 403: model access denied");
+  EXPECT_EQ(f["Set by"], "dataplane:dp-test");
+  ASSERT_NE(std::find(lines.begin(), lines.end(), "Rate-limit blocks (1):"), lines.end()) << r.out;
+  std::vector<std::map<std::string, std::string>> blocks =
+      ParseHeaderTable(lines, "ACCOUNT", {"STRIKES"});
+  ASSERT_EQ(blocks.size(), 1u) << r.out;
+  EXPECT_EQ(blocks[0]["ACCOUNT"], "team-a");
+  EXPECT_EQ(blocks[0]["MODEL"], model);
+  EXPECT_EQ(blocks[0]["PHASE"], "cooling");
+  EXPECT_EQ(blocks[0]["LIMIT"], "TPM");
+  EXPECT_THAT(blocks[0]["UNTIL/LEFT"], AllOf(HasSubstr("Z ("), ::testing::EndsWith(" left)")));
+  EXPECT_EQ(blocks[0]["STRIKES"], "1");
+  EXPECT_EQ(blocks[0]["PROBE BY"], "-");
+  EXPECT_EQ(blocks[0]["REASON"],
+            "Request was rejected due to rate limiting. Details: TPM limit reached.");
+  std::string why = WhyText(r.out);
+  EXPECT_THAT(why, AllOf(StartsWith("Disabled by an operator"),
+                         HasSubstr("Models refused to its account (403): deepseek-ai/DeepSeek-R1"),
+                         HasSubstr(absl::StrCat("Rate limited on its account for model ", model))));
+
+  // Key A is its own account: not affected.
+  r = Run({"keys", "show", "0"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("\nRate-limit blocks: none\n"));
+
+  r = Run({"keys", "show", "1", "--json"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["blocks"].size(), 1u);
+  EXPECT_EQ(j["blocks"][0]["limit"], "TPM");
+  EXPECT_EQ(j["blocks"][0]["strikes"], 1);
+}
+
+// ---- keys disable / enable / cooldown ----
+
+TEST_F(CtlTest, DisableThenEnable) {
+  env_["USER"] = "alice";
+  const std::string label =
+      absl::StrCat("Key 0 (", MaskKey(kKeyA), ", fingerprint ", KeyFingerprint(kKeyA), ")");
+  Result r = Run({"keys", "disable", "0", "--reason", "leaked in a log"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.err, "");
+  EXPECT_EQ(r.out, absl::StrCat(label, " is now disabled: leaked in a log\n"));
+  EXPECT_EQ(KeyAt(0).state(), v1::KEY_STATE_DISABLED);
+  EXPECT_EQ(KeyAt(0).state_reason(), "leaked in a log");
+  EXPECT_THAT(KeyAt(0).state_actor(), StartsWith("admin@"));
+
+  // ListKeys agrees, through sflbctl as well.
+  r = Run({"keys", "--state", "disabled"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  ParsedTable table = ParseTable(Lines(r.out), {"INDEX", "LEFT", "REQUESTS"});
+  ASSERT_EQ(table.rows.size(), 1u);
+  EXPECT_EQ(table.rows[0]["INDEX"], "0");
+  EXPECT_EQ(table.rows[0]["REASON"], "leaked in a log");
+  r = Run({"keys", "show", KeyFingerprint(kKeyA)});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  std::map<std::string, std::string> f = ParseFields(Lines(r.out));
+  EXPECT_EQ(f["State"], "disabled");
+  EXPECT_THAT(f["Set by"], StartsWith("admin@"));
+
+  // Default reason names the user.
+  r = Run({"keys", "enable", "0"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.out, absl::StrCat(label, " is now active: sflbctl enable by alice\n"));
+  EXPECT_EQ(KeyAt(0).state(), v1::KEY_STATE_ACTIVE);
+  r = Run({"keys", "--state", "disabled"});
+  EXPECT_EQ(r.out, "No keys in state disabled.\n");
+
+  r = Run({"keys", "disable", KeyFingerprint(kKeyB).substr(0, 7)});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_THAT(r.out, ::testing::EndsWith(" is now disabled: sflbctl disable by alice\n"));
+  EXPECT_EQ(KeyAt(1).state(), v1::KEY_STATE_DISABLED);
+
+  env_.erase("USER");
+  r = Run({"keys", "enable", "1", "--json"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["key"]["state"], "KEY_STATE_ACTIVE");
+  EXPECT_EQ(j["key"]["state_reason"], "sflbctl enable");
+  EXPECT_EQ(j["key"]["index"], 1);
+}
+
+TEST_F(CtlTest, EnableClearsForbiddenModelsAndBlocks) {
+  SeedUsage();
+  ReportRateLimited(1, "m1", "Details: RPM limit reached.");
+  ReportForbiddenModel(2, "m2");
+  Result r = Run({"keys", "enable", "2", "--reason", "fixed"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_THAT(r.out, ::testing::EndsWith(" is now active: fixed\n"));
+  EXPECT_EQ(KeyAt(2).forbidden_models_size(), 0);
+  EXPECT_TRUE(registry_->Blocks().empty());
+  r = Run({"stats"});
+  EXPECT_THAT(r.out, Not(HasSubstr("Rate-limit blocks")));
+}
+
+TEST_F(CtlTest, CooldownNeedsADuration) {
+  env_["USER"] = "bob";
+  Result r = Run({"keys", "cooldown", "0", "--duration", "5m"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.out, absl::StrCat("Key 0 (", MaskKey(kKeyA), ", fingerprint ", KeyFingerprint(kKeyA),
+                                ") is now cooling (5m00s left): sflbctl cooldown by bob\n"));
+  v1::KeyStatus k = KeyAt(0);
+  EXPECT_EQ(k.state(), v1::KEY_STATE_COOLING);
+  absl::Duration left = FromProtoTime(k.state_until()) - absl::Now();
+  EXPECT_GT(left, absl::Minutes(4));
+  EXPECT_LE(left, absl::Minutes(5));
+
+  r = Run({"keys", "--state", "cooling"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  ParsedTable table = ParseTable(Lines(r.out), {"INDEX", "LEFT", "REQUESTS"});
+  ASSERT_EQ(table.rows.size(), 1u);
+  EXPECT_THAT(table.rows[0]["LEFT"], AnyOf(StartsWith("4m5"), Eq("5m00s")));
+
+  r = Run({"keys", "cooldown", "1", "--duration=90", "--reason", "noisy"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_THAT(r.out, ::testing::EndsWith(" is now cooling (1m30s left): noisy\n"));
+
+  // Without --duration, or with a bad one: usage error, nothing sent.
+  r = Run({"keys", "cooldown", "2"});
+  EXPECT_EQ(r.code, kCtlUsage);
+  EXPECT_EQ(r.out, "");
+  EXPECT_THAT(r.err, StartsWith("sflbctl: keys cooldown needs --duration, e.g. --duration 5m\n"));
+  EXPECT_THAT(r.err, HasSubstr("Usage: sflbctl keys cooldown KEY --duration DURATION"));
+  for (const char* bad : {"soon", "0", "-5m", ""}) {
+    r = Run({"keys", "cooldown", "2", "--duration", bad});
+    EXPECT_EQ(r.code, kCtlUsage) << bad;
+    EXPECT_THAT(r.err, StartsWith("sflbctl: --duration: expected a positive duration")) << bad;
+  }
+  r = Run({"keys", "cooldown", "2", "--duration"});
+  EXPECT_EQ(r.code, kCtlUsage);
+  EXPECT_THAT(r.err, StartsWith("sflbctl: --duration needs a value (DURATION)\n"));
+  // Out of the server's range (1s .. 7 days): its INVALID_ARGUMENT is a usage error too.
+  r = Run({"keys", "cooldown", "2", "--duration", "200h"});
+  EXPECT_EQ(r.code, kCtlUsage);
+  EXPECT_EQ(r.err, "sflbctl: cooldown duration must be between 1s and 7 days\n");
+  EXPECT_EQ(KeyAt(2).state(), v1::KEY_STATE_ACTIVE);
+  // --duration belongs to cooldown only.
+  r = Run({"keys", "disable", "2", "--duration", "5m"});
+  EXPECT_EQ(r.code, kCtlUsage);
+  EXPECT_THAT(r.err, StartsWith("sflbctl: unknown flag --duration for 'keys disable'\n"));
+}
+
+TEST_F(CtlTest, KeySubcommandUsageErrors) {
+  env_.clear();  // none of these needs a server or a key
+  Result r = Run({"keys", "show"});
+  EXPECT_EQ(r.code, kCtlUsage);
+  EXPECT_THAT(r.err, StartsWith("sflbctl: missing argument for 'keys show'\n"));
+  EXPECT_THAT(r.err, HasSubstr("Usage: sflbctl keys show KEY\n"));
+
+  r = Run({"keys", "show", "1", "2"});
+  EXPECT_EQ(r.code, kCtlUsage);
+  EXPECT_THAT(r.err, StartsWith("sflbctl: wrong number of arguments for 'keys show'\n"));
+
+  r = Run({"keys", "frobnicate", "1"});
+  EXPECT_EQ(r.code, kCtlUsage);
+  EXPECT_THAT(r.err, StartsWith("sflbctl: 'keys' has no subcommand 'frobnicate' (there are: "
+                                "keys show, keys disable, keys enable, keys cooldown)\n"));
+
+  r = Run({"keys", "disable"});
+  EXPECT_EQ(r.code, kCtlUsage);
+  r = Run({"keys", "enable", "0", "--state", "active"});
+  EXPECT_EQ(r.code, kCtlUsage);
+  EXPECT_THAT(r.err, StartsWith("sflbctl: unknown flag --state for 'keys enable'\n"));
 }
 
 // ---- reload ----
@@ -619,9 +1196,10 @@ TEST_F(CtlTest, HelpNeedsNeitherServerNorKey) {
   Result r = Run({"help"});
   EXPECT_EQ(r.code, kCtlOk);
   EXPECT_EQ(r.err, "");
-  for (const char* text : {"stats", "keys", "reload", "help", "version", "--server ADDR",
-                           "--admin-key-file PATH", "--json", "--timeout DURATION",
-                           "Exit codes:"}) {
+  for (const char* text :
+       {"stats", "keys", "keys show", "keys disable", "keys enable", "keys cooldown", "reload",
+        "help", "version", "--server ADDR", "--admin-key-file PATH", "--json", "--timeout DURATION",
+        "Exit codes:"}) {
     EXPECT_THAT(r.out, HasSubstr(text));
   }
   EXPECT_EQ(Run({"--help"}).out, r.out);
@@ -633,6 +1211,26 @@ TEST_F(CtlTest, HelpNeedsNeitherServerNorKey) {
   EXPECT_THAT(r.out, HasSubstr("--state STATE"));
   EXPECT_EQ(Run({"keys", "--help"}).out, r.out);
   EXPECT_EQ(Run({"-h", "keys", "--state", "nonsense"}).out, r.out);
+
+  r = Run({"help", "keys", "show"});
+  EXPECT_EQ(r.code, kCtlOk);
+  EXPECT_THAT(r.out, StartsWith("Usage: sflbctl keys show KEY\n"));
+  EXPECT_THAT(r.out, HasSubstr("id:N"));
+  EXPECT_EQ(Run({"keys", "show", "--help"}).out, r.out);
+
+  r = Run({"help", "keys", "cooldown"});
+  EXPECT_EQ(r.code, kCtlOk);
+  EXPECT_THAT(r.out,
+              StartsWith("Usage: sflbctl keys cooldown KEY --duration DURATION [--reason TEXT]\n"));
+  EXPECT_THAT(r.out, AllOf(HasSubstr("--duration DURATION"), HasSubstr("--reason TEXT")));
+
+  for (const char* command : {"disable", "enable"}) {
+    r = Run({"help", "keys", command});
+    EXPECT_EQ(r.code, kCtlOk);
+    EXPECT_THAT(
+        r.out, StartsWith(absl::StrCat("Usage: sflbctl keys ", command, " KEY [--reason TEXT]\n")));
+    EXPECT_THAT(r.out, HasSubstr(absl::StrCat("'sflbctl ", command, " by $USER'")));
+  }
 
   r = Run({"help", "nope"});
   EXPECT_EQ(r.code, kCtlUsage);
@@ -671,6 +1269,19 @@ TEST(CtlFormatTest, ShortDuration) {
   EXPECT_EQ(FormatShortDuration(absl::Seconds(187)), "3m07s");
   EXPECT_EQ(FormatShortDuration(absl::Minutes(62)), "1h02m");
   EXPECT_EQ(FormatShortDuration(absl::Hours(51)), "2d03h");
+}
+
+TEST(CtlFormatTest, WrapText) {
+  EXPECT_EQ(WrapText("", 20), "");
+  EXPECT_EQ(WrapText("  \n ", 20), "");
+  EXPECT_EQ(WrapText("short text", 20), "short text\n");
+  EXPECT_EQ(WrapText("one two three four five six", 13, "  "),
+            "  one two\n  three four\n  five six\n");
+  // Exactly the width fits; newlines and runs of spaces are one space.
+  EXPECT_EQ(WrapText("abcd  efgh\nij", 9), "abcd efgh\nij\n");
+  // Too long words stay whole; width counts code points.
+  EXPECT_EQ(WrapText("a verylongword b", 6), "a\nverylongword\nb\n");
+  EXPECT_EQ(WrapText("sk-ab\xE2\x80\xA6wxyz x", 12), "sk-ab\xE2\x80\xA6wxyz x\n");
 }
 
 TEST(CtlFormatTest, TableAlignsByCodePointsAndPrintsTotals) {
