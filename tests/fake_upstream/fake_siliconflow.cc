@@ -687,6 +687,19 @@ bool FakeSiliconFlow::SleepFor(absl::Duration duration, const uint64_t* release_
   }
 }
 
+void FakeSiliconFlow::HoldStalledRequest() {
+  // The worker thread stays busy meanwhile, like a hung upstream connection would.
+  uint64_t gen = 0;
+  {
+    MutexLock lock(&mu_);
+    gen = release_gen_;
+    ++stalled_requests_;
+  }
+  SleepFor(options_.max_stall, &gen);
+  MutexLock lock(&mu_);
+  --stalled_requests_;
+}
+
 uint64_t FakeSiliconFlow::ReleaseGeneration() {
   MutexLock lock(&mu_);
   return release_gen_;
@@ -799,8 +812,16 @@ void FakeSiliconFlow::HandleApi(const httplib::Request& req, httplib::Response& 
     switch (fault->action) {
       case FaultRule::Action::kStatus: {
         res.status = fault->status;
-        for (const auto& [name, value] : fault->headers) res.set_header(name, value);
-        res.set_content(fault->body.empty() ? DefaultFaultBody(fault->status) : fault->body, kJson);
+        std::string content_type = kJson;
+        for (const auto& [name, value] : fault->headers) {
+          if (absl::EqualsIgnoreCase(name, "Content-Type")) {
+            content_type = value;  // set_content() below sets the header.
+          } else {
+            res.set_header(name, value);
+          }
+        }
+        res.set_content(fault->body.empty() ? DefaultFaultBody(fault->status) : fault->body,
+                        content_type);
         SetRecordedStatus(call.seq, fault->status, fault_name);
         return;
       }
@@ -812,26 +833,11 @@ void FakeSiliconFlow::HandleApi(const httplib::Request& req, httplib::Response& 
         }
         break;
       case FaultRule::Action::kStall:
-        if (sse && fault->after_chunks > 0) break;  // The stream goes silent later.
-        {
-          // Hold the request without answering, until Stop, a release (reset or DELETE
-          // /_fake/faults) or max_stall. The worker thread stays busy meanwhile, like a hung
-          // upstream connection would.
-          uint64_t gen = 0;
-          {
-            MutexLock lock(&mu_);
-            gen = release_gen_;
-            ++stalled_requests_;
-          }
-          SleepFor(options_.max_stall, &gen);
-          {
-            MutexLock lock(&mu_);
-            --stalled_requests_;
-          }
-          SetJson(res, 503, ErrorJson(50503, "fake stall ended"));
-          SetRecordedStatus(call.seq, 503, fault_name);
-          return;
-        }
+        if (sse && fault->after_chunks > 0) break;  // StartStream goes silent mid-stream.
+        HoldStalledRequest();
+        SetJson(res, 503, ErrorJson(50503, "fake stall ended"));
+        SetRecordedStatus(call.seq, 503, fault_name);
+        return;
       case FaultRule::Action::kCut:
         break;  // Applied below, once the normal response exists.
     }
@@ -958,7 +964,8 @@ void FakeSiliconFlow::StartStream(Call& call, const httplib::Request& req, httpl
       return sink.is_writable() && sink.write(s.data(), s.size());
     };
 
-    for (int64_t i = 0; i < st->chunks; ++i) {
+    // Step i sends chunk i; step `chunks` sends [DONE]. Faults strike before their step.
+    for (int64_t i = 0; i <= st->chunks; ++i) {
       if (i == st->cut_after) {
         st->cut = true;
         return false;  // httplib then closes the connection without the terminating chunk.
@@ -968,6 +975,7 @@ void FakeSiliconFlow::StartStream(Call& call, const httplib::Request& req, httpl
         st->cut = sink.is_writable();  // Ended by release, Stop or time: not by the client.
         return false;
       }
+      if (i == st->chunks) break;
       if (!wait(i == 0 ? st->first_chunk_delay : st->chunk_delay, false)) return false;
 
       const bool last = i + 1 == st->chunks;
@@ -983,16 +991,6 @@ void FakeSiliconFlow::StartStream(Call& call, const httplib::Request& req, httpl
                     {"x_fake_chunk_index", i}};
       if (last) chunk["usage"] = Usage(st->prompt_tokens, st->chunks);
       if (!write(absl::StrCat("data: ", Dump(chunk), "\n\n"))) return false;
-    }
-    // Faults placed after the last chunk hit before [DONE].
-    if (st->cut_after == st->chunks) {
-      st->cut = true;
-      return false;
-    }
-    if (st->stall_after == st->chunks) {
-      wait(st->max_stall, /*release=*/true);
-      st->cut = sink.is_writable();
-      return false;
     }
     if (!write("data: [DONE]\n\n")) return false;
     sink.done();

@@ -115,9 +115,9 @@ class FakeSiliconFlow {
   // bound. Returns false if the server could not run.
   bool ListenAfterBind();
 
-  // Wakes every sleeping, stalled or streaming handler, then stops the server so that
-  // ListenAfterBind() returns once in-flight handlers finished. Idempotent; callable from any
-  // thread (but not from a signal handler: use sigwait or a self-pipe).
+  // Wakes every sleeping, stalled or streaming handler, stops accepting and shuts down every
+  // open connection (streams end abruptly), so ListenAfterBind() returns within milliseconds.
+  // Idempotent; callable from any thread (not from a signal handler: use sigwait).
   void Stop();
 
   // True once the server is accepting connections (after ListenAfterBind started).
@@ -175,6 +175,9 @@ class FakeSiliconFlow {
   // Sleeps for `duration` unless Stop() (or a stall release, if `release_gen` is given) comes
   // first. Returns true if the whole duration passed.
   bool SleepFor(absl::Duration duration, const uint64_t* release_gen = nullptr);
+  // Holds a stalled request without answering until Stop(), a release (Reset or DELETE
+  // /_fake/faults) or options_.max_stall.
+  void HoldStalledRequest();
   // Current stall-release generation: bumped by Reset and DELETE /_fake/faults.
   uint64_t ReleaseGeneration();
 

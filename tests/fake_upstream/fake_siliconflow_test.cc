@@ -422,6 +422,16 @@ TEST_F(FakeSiliconFlowTest, FaultCutMidStreamOnTheWire) {
   EXPECT_FALSE(absl::EndsWith(wire, "0\r\n\r\n")) << "terminating chunk was sent";
   EXPECT_TRUE(WaitFor([&] { return Stats()["cut_streams"] == 1; }));
 
+  // after_chunks beyond the last chunk: every chunk, then the cut instead of [DONE].
+  AddFault({{"key", "cutend"}, {"action", "cut"}, {"after_chunks", 100}});
+  const std::string all = RawExchange(
+      port_, absl::StrCat("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",
+                          "Authorization: Bearer cutend\r\nContent-Length: ", body.size(),
+                          "\r\n\r\n", body));
+  EXPECT_TRUE(absl::StrContains(all, "\"tok3 \"")) << all;
+  EXPECT_FALSE(absl::StrContains(all, "[DONE]"));
+  EXPECT_TRUE(WaitFor([&] { return Stats()["cut_streams"] == 2; }));
+
   // A cut on a non-streamed answer closes after half the announced body.
   AddFault({{"key", "cutjson"}, {"action", "cut"}});
   auto res = NewClient()->Get("/v1/models", Auth("cutjson"));
