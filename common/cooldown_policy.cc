@@ -82,9 +82,15 @@ CooldownDecision ComputeCooldown(absl::optional<absl::Duration> retry_after,
     limit = "default";
   }
   out.limit = limit;
-  double factor = std::pow(options.backoff_factor, std::max(0, strikes - 1));
-  absl::Duration backed = base * std::min(factor, 1e6);
-  // Per-minute limits back off in whole minutes beyond the first boundary.
+  double factor = std::min(std::pow(options.backoff_factor, std::max(0, strikes - 1)), 1e6);
+  absl::Duration backed;
+  if (limit == "RPM" || limit == "TPM" || limit == "IPM") {
+    // Per-minute windows reset on the boundary; repeated strikes wait whole extra minutes
+    // beyond it (0, 1, 3, 7, ... with the default factor 2), not a fraction of what is left.
+    backed = base + absl::Minutes(1) * (factor - 1);
+  } else {
+    backed = base * factor;
+  }
   out.duration = std::min(backed, std::max(cap, base));
   return out;
 }

@@ -422,6 +422,8 @@ void KeyRegistry::ImportState(const nlohmann::json& state) {
       auto it = keys->find(e->fingerprint);
       if (it == keys->end() || !it->is_object()) continue;
       const nlohmann::json& k = *it;
+      // A wrongly typed field (hand-edited or older file) skips that key, never the start-up.
+      try {
       v1::KeyState st = v1::KEY_STATE_ACTIVE;
       if (!v1::KeyState_Parse(k.value("state", std::string("KEY_STATE_ACTIVE")), &st) ||
           st == v1::KEY_STATE_UNSPECIFIED) {
@@ -448,6 +450,10 @@ void KeyRegistry::ImportState(const nlohmann::json& state) {
       e->completion_tokens = k.value("completion_tokens", uint64_t{0});
       std::string learned = k.value("learned_account", "");
       if (!e->account_explicit && absl::StartsWith(learned, "acct:")) e->account = learned;
+      } catch (const nlohmann::json::exception&) {
+        e->state = v1::KEY_STATE_ACTIVE;
+        e->state_until = absl::InfinitePast();
+      }
     }
   }
   auto blocks = state.find("blocks");

@@ -33,6 +33,10 @@ bool ScopeBlocks::OnRateLimited(const std::string& account, const std::string& m
                                 absl::Time now, size_t total_accounts, double jitter01) {
   Scope scope{account, model};
   auto it = blocks_.find(scope);
+  if (it != blocks_.end() && it->second.phase == v1::BLOCK_PHASE_HALF_OPEN &&
+      observed_at < it->second.half_open_since) {
+    return false;  // a late report from the cooling period, not the probe's answer
+  }
   if (it != blocks_.end() && it->second.phase == v1::BLOCK_PHASE_COOLING &&
       observed_at < it->second.until) {
     // Another replica's echo of the same event (or a request already in flight): the scope is
@@ -100,6 +104,7 @@ bool ScopeBlocks::Tick(absl::Time now, const std::vector<std::string>& replicas)
                        now - block.probe_since >= options_.probe_timeout;
     bool expired = block.phase == v1::BLOCK_PHASE_COOLING && now >= block.until;
     if (!expired && !stale_probe) continue;
+    if (expired) block.half_open_since = now;
     block.phase = v1::BLOCK_PHASE_HALF_OPEN;
     block.probe_since = now;
     std::string next = replicas.empty() ? "" : replicas[next_probe_replica_++ % replicas.size()];
@@ -182,10 +187,14 @@ void ScopeBlocks::Restore(const nlohmann::json& blocks, absl::Time now) {
       continue;
     }
     Block block;
-    block.until = absl::FromUnixMillis(b.value("until_unix_ms", int64_t{0}));
-    block.strikes = b.value("strikes", 1u);
-    block.limit = b.value("limit", "");
-    block.reason = b.value("reason", "");
+    try {
+      block.until = absl::FromUnixMillis(b.value("until_unix_ms", int64_t{0}));
+      block.strikes = b.value("strikes", 1u);
+      block.limit = b.value("limit", "");
+      block.reason = b.value("reason", "");
+    } catch (const nlohmann::json::exception&) {
+      continue;  // a wrongly typed field: skip the entry, keep the rest
+    }
     // A block whose cooldown ended while the controlplane was down comes back half-open: the
     // next Tick names a probe replica.
     block.phase = v1::BLOCK_PHASE_COOLING;

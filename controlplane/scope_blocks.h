@@ -74,6 +74,9 @@ class ScopeBlocks {
     absl::Time until;
     std::string probe_replica;
     absl::Time probe_since;
+    // When the block last turned half-open: a 429 observed before it belongs to the cooling
+    // period (an echo), not to the probe.
+    absl::Time half_open_since = absl::InfinitePast();
     uint32_t strikes = 0;
     std::string limit;
     std::string reason;

@@ -140,60 +140,59 @@ uint32_t KeyPool::BatchSize() {
                                                   options_.max_lease));
 }
 
-KeyPool::Verdict KeyPool::JudgeBlock(const Scope& scope, absl::Time now, absl::Time* until,
-                                     Scope* probe_scope) {
-  auto it = view_->blocks.find(scope);
-  if (it != view_->blocks.end()) {
-    const Block& b = it->second;
-    if (b.phase == v1::BLOCK_PHASE_COOLING && now < b.until) {
-      *until = std::max(*until, b.until);
-      return Verdict::kBlocked;
-    }
-    // Half-open (or cooling that ended and awaits the controlplane's probe assignment): only
-    // the named replica may send one probe.
-    bool mine = b.phase == v1::BLOCK_PHASE_HALF_OPEN && !b.probe_replica.empty() &&
-                b.probe_replica == replica_id_;
-    auto probing = probing_.find(scope);
-    bool in_flight = probing != probing_.end() && now - probing->second < kLostProbe;
-    if (!mine || in_flight) {
-      *until = std::max(*until, now + absl::Seconds(1));
-      return Verdict::kBlocked;
-    }
-    *probe_scope = scope;
-    return Verdict::kProbe;
-  }
+KeyPool::Verdict KeyPool::JudgeBlock(const Scope& scope, absl::Time now, absl::Time* until) {
+  // This replica's own recent 429 wins over the snapshot: the controlplane may not have heard
+  // of it yet (e.g. a probe that just failed while the snapshot still says half-open).
   auto local = local_blocks_.find(scope);
   if (local != local_blocks_.end()) {
     absl::Time end = connected_ ? std::min(local->second.until, local->second.created + kLocalOverlap)
                                 : local->second.until;
     if (now < end) {
-      *until = std::max(*until, local->second.until);
+      *until = std::max(*until, end);
       return Verdict::kBlocked;
     }
   }
-  return Verdict::kUse;
+  auto it = view_->blocks.find(scope);
+  if (it == view_->blocks.end()) return Verdict::kUse;
+  const Block& b = it->second;
+  if (b.phase == v1::BLOCK_PHASE_COOLING && now < b.until) {
+    *until = std::max(*until, b.until);
+    return Verdict::kBlocked;
+  }
+  // Half-open (or cooling that ended and awaits the controlplane's probe assignment): only the
+  // named replica may send one probe.
+  bool mine = b.phase == v1::BLOCK_PHASE_HALF_OPEN && !b.probe_replica.empty() &&
+              b.probe_replica == replica_id_;
+  auto probing = probing_.find(scope);
+  bool in_flight = probing != probing_.end() && now - probing->second < kLostProbe;
+  if (!mine || in_flight) {
+    *until = std::max(*until, now + absl::Seconds(1));
+    return Verdict::kBlocked;
+  }
+  return Verdict::kProbe;
 }
 
 KeyPool::Verdict KeyPool::Judge(const PoolKey& key, const std::string& model, absl::Time now,
-                                absl::Time* until, Scope* probe_scope) {
+                                absl::Time* until, std::vector<Scope>* probe_scopes) {
   if (key.state == v1::KEY_STATE_COOLING && key.state_until != absl::InfinitePast()) {
     *until = std::max(*until, key.state_until);
     return Verdict::kBlocked;
   }
   if (!IsEligible(key)) return Verdict::kUnusable;
   if (!model.empty() && Contains(key.forbidden_models, model)) return Verdict::kUnusable;
-  Verdict verdict = Verdict::kUse;
+  probe_scopes->clear();
   for (const Scope& scope : {Scope{kAll, model}, Scope{kAll, kAll}, Scope{key.account, model},
                              Scope{key.account, kAll}}) {
     absl::Time scope_until = absl::InfinitePast();
-    Verdict v = JudgeBlock(scope, now, &scope_until, probe_scope);
+    Verdict v = JudgeBlock(scope, now, &scope_until);
     if (v == Verdict::kBlocked) {
       *until = std::max(*until, scope_until);
+      probe_scopes->clear();
       return Verdict::kBlocked;
     }
-    if (v == Verdict::kProbe) verdict = Verdict::kProbe;
+    if (v == Verdict::kProbe) probe_scopes->push_back(scope);
   }
-  return verdict;
+  return probe_scopes->empty() ? Verdict::kUse : Verdict::kProbe;
 }
 
 PickResult KeyPool::Pick(const PickRequest& request) {
@@ -220,12 +219,12 @@ PickResult KeyPool::PickLocked(const PickRequest& request, bool consume) {
   absl::Time now = absl::Now();
   absl::Time earliest = absl::InfiniteFuture();
   bool any_blocked = false;
-  Scope probe_scope;
+  std::vector<Scope> probe_scopes;
   auto consider = [&](const std::shared_ptr<const PoolKey>& key, bool avoid_accounts) {
     if (Contains(request.exclude, key->id)) return false;
     if (avoid_accounts && Contains(request.avoid_accounts, key->account)) return false;
     absl::Time until = absl::InfinitePast();
-    Verdict v = Judge(*key, request.model, now, &until, &probe_scope);
+    Verdict v = Judge(*key, request.model, now, &until, &probe_scopes);
     if (v == Verdict::kBlocked) {
       any_blocked = true;
       earliest = std::min(earliest, until);
@@ -235,7 +234,9 @@ PickResult KeyPool::PickLocked(const PickRequest& request, bool consume) {
     result.key = key;
     if (v == Verdict::kProbe) {
       result.probe = true;
-      if (consume) probing_[probe_scope] = now;
+      if (consume) {
+        for (const Scope& scope : probe_scopes) probing_[scope] = now;
+      }
     }
     return true;
   };
@@ -261,6 +262,15 @@ PickResult KeyPool::PickLocked(const PickRequest& request, bool consume) {
     if (consume) local_cursor_ = cursor;
   }
   if (result.key == nullptr) {
+    // Keys cooling until a time (operator cooldowns) are not in the round robin, but they make
+    // the pool "rate limited until" rather than "out of keys".
+    for (const auto& key : view_->keys) {
+      if (key->state == v1::KEY_STATE_COOLING && key->state_until > now &&
+          !Contains(request.exclude, key->id)) {
+        any_blocked = true;
+        earliest = std::min(earliest, key->state_until);
+      }
+    }
     result.failure = PickFailure::kNoneEligible;
     result.rate_limited = any_blocked;
     if (any_blocked) result.retry_at = earliest;

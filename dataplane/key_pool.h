@@ -147,10 +147,11 @@ class KeyPool {
     absl::Time created;
   };
   enum class Verdict { kUse, kProbe, kBlocked, kUnusable };
-  // Whether `key` may serve `model` now; fills *until for kBlocked and *probe_scope for kProbe.
+  // Whether `key` may serve `model` now; fills *until for kBlocked and, for kProbe, every
+  // half-open scope the request would probe into *probe_scopes.
   Verdict Judge(const PoolKey& key, const std::string& model, absl::Time now, absl::Time* until,
-                Scope* probe_scope) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  Verdict JudgeBlock(const Scope& scope, absl::Time now, absl::Time* until, Scope* probe_scope)
+                std::vector<Scope>* probe_scopes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Verdict JudgeBlock(const Scope& scope, absl::Time now, absl::Time* until)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   PickResult PickLocked(const PickRequest& request, bool consume)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -88,8 +88,8 @@ TEST_F(ScopeBlocksTest, NamedLimitSetsLengthLimitAndReason) {
 }
 
 TEST_F(ScopeBlocksTest, LongReasonIsTruncated) {
-  EXPECT_TRUE(blocks_.OnRateLimited("a", "m", absl::nullopt, std::string(2000, 'x'), kT0, kT0, 10,
-                                    0.0));
+  EXPECT_TRUE(
+      blocks_.OnRateLimited("a", "m", absl::nullopt, std::string(2000, 'x'), kT0, kT0, 10, 0.0));
   EXPECT_EQ(Get("a", "m")->reason().size(), 512u);
 }
 
@@ -249,7 +249,7 @@ TEST_F(ScopeBlocksTest, RateLimitWhileHalfOpenCoolsAgainWithBackoff) {
 // or a slow report) is an echo of the event that caused the block, not the probe's answer.
 // While cooling such echoes are ignored; once the block turned half-open the same echo counts
 // as a failed probe: another strike and a doubled cooldown.
-TEST_F(ScopeBlocksTest, BUG_EchoObservedDuringCoolingDoesNotReCoolAHalfOpenBlock) {
+TEST_F(ScopeBlocksTest, EchoObservedDuringCoolingDoesNotReCoolAHalfOpenBlock) {
   ASSERT_TRUE(RateLimited("a", "m", kT0, kT0));
   const absl::Time open = kT0 + absl::Seconds(60);
   ASSERT_TRUE(blocks_.Tick(open, {"r1"}));
@@ -431,19 +431,19 @@ TEST_F(ScopeBlocksTest, RestoredBlocksPastTheirEndCoolUntilNowThenTurnHalfOpen) 
 }
 
 TEST_F(ScopeBlocksTest, RestoreIgnoresMalformedInput) {
-  for (const char* text : {"null", "{}", "\"blocks\"", "42", "[1, \"x\", null, []]",
-                           "[{\"model\": \"m\"}]", "[{\"account\": \"a\"}]",
-                           "[{\"account\": 7, \"model\": \"m\"}]"}) {
+  for (const char* text :
+       {"null", "{}", "\"blocks\"", "42", "[1, \"x\", null, []]", "[{\"model\": \"m\"}]",
+        "[{\"account\": \"a\"}]", "[{\"account\": 7, \"model\": \"m\"}]"}) {
     ScopeBlocks restored(options_);
     restored.Restore(nlohmann::json::parse(text), kT0);
     EXPECT_THAT(restored.All(), IsEmpty()) << text;
   }
   // Good entries next to bad ones are kept.
   ScopeBlocks restored(options_);
-  restored.Restore(nlohmann::json::parse(
-                       "[{\"account\": 1}, {\"account\": \"a\", \"model\": \"m\", "
-                       "\"until_unix_ms\": 1767225700000, \"strikes\": 2}]"),
-                   kT0);
+  restored.Restore(
+      nlohmann::json::parse("[{\"account\": 1}, {\"account\": \"a\", \"model\": \"m\", "
+                            "\"until_unix_ms\": 1767225700000, \"strikes\": 2}]"),
+      kT0);
   ASSERT_THAT(restored.All(), SizeIs(1));
   EXPECT_EQ(restored.All()[0].strikes(), 2u);
   EXPECT_EQ(FromProtoTime(restored.All()[0].until()), absl::FromUnixMillis(1767225700000));
@@ -452,11 +452,10 @@ TEST_F(ScopeBlocksTest, RestoreIgnoresMalformedInput) {
 // The header promises "Restore ignores malformed entries". An entry whose account and model are
 // fine but whose other fields have the wrong JSON type (a hand-edited or older state file)
 // makes nlohmann::json::value() throw type_error out of Restore instead.
-TEST_F(ScopeBlocksTest, BUG_RestoreIgnoresEntriesWithWronglyTypedFields) {
-  for (const char* text :
-       {"[{\"account\": \"a\", \"model\": \"m\", \"until_unix_ms\": \"soon\"}]",
-        "[{\"account\": \"a\", \"model\": \"m\", \"strikes\": \"two\"}]",
-        "[{\"account\": \"a\", \"model\": \"m\", \"limit\": 5}]"}) {
+TEST_F(ScopeBlocksTest, RestoreIgnoresEntriesWithWronglyTypedFields) {
+  for (const char* text : {"[{\"account\": \"a\", \"model\": \"m\", \"until_unix_ms\": \"soon\"}]",
+                           "[{\"account\": \"a\", \"model\": \"m\", \"strikes\": \"two\"}]",
+                           "[{\"account\": \"a\", \"model\": \"m\", \"limit\": 5}]"}) {
     ScopeBlocks restored(options_);
     EXPECT_NO_THROW(restored.Restore(nlohmann::json::parse(text), kT0)) << text;
   }
