@@ -18,7 +18,9 @@
 #include "controlplane/key_registry.h"
 #include "controlplane/key_service.h"
 #include "controlplane/audit_log.h"
+#include "common/metrics_server.h"
 #include "controlplane/balance_checker.h"
+#include "controlplane/controlplane_metrics.h"
 #include "controlplane/key_balances.h"
 #include "controlplane/key_source.h"
 #include "controlplane/state_store.h"
@@ -69,6 +71,8 @@ void RegisterControlplaneOptions(OptionParser* parser, ControlplaneOptions* opti
                       "How often every balance is refreshed in the background (0 = off)");
   parser->AddString("depleted-threshold", "SFLB_DEPLETED_THRESHOLD", &options->depleted_threshold,
                     "A known balance at or below this marks a key depleted");
+  parser->AddString("metrics-listen", "SFLB_METRICS_LISTEN", &options->metrics_listen,
+                    "Prometheus /metrics listener host:port, or 'off'");
   parser->AddDuration("keys-file-poll", "SFLB_KEYS_FILE_POLL", &options->keys_file_poll,
                       "How often the keys file is checked for changes and reloaded (0 = never)");
 }
@@ -175,6 +179,24 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
                                   {"reason", std::string(saved.status().message())}});
   }
 
+  // A state file that cannot be written would silently forget states at the next restart:
+  // refuse to start instead.
+  if (absl::Status writable = state_store.Save(registry.ExportState()); !writable.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the state file cannot be written (set SFLB_STATE_FILE to a writable path): ",
+        writable.message()));
+  }
+  ControlplaneMetrics metrics;
+  std::unique_ptr<MetricsServer> metrics_server;
+  if (options.metrics_listen != "off") {
+    absl::StatusOr<std::unique_ptr<MetricsServer>> started =
+        MetricsServer::Start(options.metrics_listen, metrics.registry());
+    if (!started.ok()) return started.status();
+    metrics_server = std::move(*started);
+    LogInfo("metrics_listening",
+            {{"address", options.metrics_listen}, {"port", metrics_server->port()}});
+  }
+
   KeyServiceImpl key_service(&registry, options.watch_heartbeat, audit.get());
   AdminServiceImpl admin_service(options.admin_key, &registry, &source, &key_service, audit.get(),
                                  &balances, started_at);
@@ -251,6 +273,7 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
     last_save = absl::Now();
   };
   absl::Time next_keys_check = absl::Now() + options.keys_file_poll;
+  absl::Time next_metrics = absl::Now();
   std::thread maintenance([&] {
     MutexLock lock(&maintenance_mu);
     while (!stopping.load()) {
@@ -264,6 +287,12 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
                      {"reason", c.reason}});
       }
       save_state(false);
+      if (absl::Now() >= next_metrics) {
+        next_metrics = absl::Now() + absl::Seconds(1);
+        metrics.Update(registry.GetCounts(), key_service.watching_replicas(),
+                       key_service.lease_calls(), key_service.report_calls(),
+                       registry.leased_total());
+      }
       if (options.keys_file_poll > absl::ZeroDuration() && absl::Now() >= next_keys_check) {
         next_keys_check = absl::Now() + options.keys_file_poll;
         std::string stamp = FileStamp(options.keys_file);
@@ -283,7 +312,8 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
       maintenance_cv.WaitWithDeadline(&maintenance_mu, std::min(next, absl::Now() + absl::Seconds(1)));
       if (stopping.load() || absl::Now() < next) continue;
       maintenance_mu.Unlock();
-      balances.Check(/*refresh=*/false, /*cached_only=*/false);
+      metrics.RecordBalances(balances.Check(/*refresh=*/false, /*cached_only=*/false),
+                             registry.AccountsById());
       maintenance_mu.Lock();
       next = absl::Now() + options.balance_watch_interval;
     }

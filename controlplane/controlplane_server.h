@@ -47,6 +47,8 @@ struct ControlplaneOptions {
   absl::Duration balance_timeout = absl::Seconds(10);
   absl::Duration balance_watch_interval = absl::Minutes(5);
   std::string depleted_threshold = "0";
+  // Prometheus metrics listener (SFLB_METRICS_LISTEN), "off" to disable.
+  std::string metrics_listen = "0.0.0.0:9091";
   // How often the keys file is checked for changes (reloaded when it changed); 0 = never.
   absl::Duration keys_file_poll = absl::Seconds(2);
 };

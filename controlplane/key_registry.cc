@@ -467,6 +467,27 @@ uint64_t KeyRegistry::state_generation() const {
   return state_generation_;
 }
 
+KeyRegistry::Counts KeyRegistry::GetCounts() const {
+  Counts out;
+  MutexLock lock(&mu_);
+  for (const auto& e : keys_) ++out.keys_by_state[e->state];
+  for (const v1::ScopeBlock& b : blocks_.All()) ++out.blocks_by_phase[b.phase()];
+  out.cooldowns_started = blocks_.cooldowns_started();
+  return out;
+}
+
+uint64_t KeyRegistry::leased_total() const {
+  MutexLock lock(&mu_);
+  return leased_total_;
+}
+
+std::map<uint64_t, std::string> KeyRegistry::AccountsById() const {
+  std::map<uint64_t, std::string> out;
+  MutexLock lock(&mu_);
+  for (const auto& e : keys_) out[e->id] = e->account;
+  return out;
+}
+
 std::vector<v1::ScopeBlock> KeyRegistry::Blocks() const {
   MutexLock lock(&mu_);
   return blocks_.All();

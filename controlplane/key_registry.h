@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -121,6 +122,16 @@ class KeyRegistry {
   void FillStats(v1::GetStatsResponse* out) const;
   // Current blocks.
   std::vector<v1::ScopeBlock> Blocks() const;
+  // Counts for metrics: keys by state, blocks by phase, cooldowns started by limit.
+  struct Counts {
+    std::map<v1::KeyState, size_t> keys_by_state;
+    std::map<v1::BlockPhase, size_t> blocks_by_phase;
+    std::map<std::string, uint64_t> cooldowns_started;
+  };
+  Counts GetCounts() const;
+  uint64_t leased_total() const;
+  // Registry id -> account, for per-account figures.
+  std::map<uint64_t, std::string> AccountsById() const;
 
   // Resolves an operator's key reference: an index ("3"), a fingerprint (or unique prefix of 6+
   // hex digits) or a registry id ("id:17"). NOT_FOUND or INVALID_ARGUMENT (ambiguous) otherwise.

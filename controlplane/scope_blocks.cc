@@ -24,6 +24,7 @@ void ScopeBlocks::Cool(Block* block, absl::optional<absl::Duration> retry_after,
   block->until = std::max(block->until, now + decision.duration);
   block->limit = decision.limit;
   block->reason = message.substr(0, 512);
+  ++cooldowns_started_[decision.limit];
   block->probe_replica.clear();
 }
 

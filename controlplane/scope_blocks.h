@@ -64,6 +64,9 @@ class ScopeBlocks {
   // The earliest end of a cooling phase, if any block is cooling.
   absl::optional<absl::Time> NextDeadline() const;
 
+  // Cooldowns started (or extended by a new strike) since start, by limit ("TPM", ...).
+  const std::map<std::string, uint64_t>& cooldowns_started() const { return cooldowns_started_; }
+
   // State file form: a JSON array; Restore ignores malformed entries.
   nlohmann::json ToJson() const;
   void Restore(const nlohmann::json& blocks, absl::Time now);
@@ -97,6 +100,7 @@ class ScopeBlocks {
   };
   std::deque<Event> recent_;
   size_t next_probe_replica_ = 0;
+  std::map<std::string, uint64_t> cooldowns_started_;
 };
 
 }  // namespace sflb

@@ -100,6 +100,7 @@ absl::Status TestCluster::StartControlplane() {
       {"LB_ADMIN_KEY", kAdminKey},
       {"SILICONFLOW_BASE_URL", base_url()},
       {"SFLB_WATCH_HEARTBEAT", "1s"},
+      {"SFLB_METRICS_LISTEN", "127.0.0.1:0"},
   };
   if (options_.keys_via_env) {
     for (size_t i = 0; i < options_.key_lines.size(); ++i) {
@@ -129,6 +130,7 @@ absl::StatusOr<int> TestCluster::StartDataplane(std::map<std::string, std::strin
       {"SILICONFLOW_BASE_URL", base_url()},
       {"SFLB_CONTROLPLANE", controlplane_address()},
       {"SFLB_REPLICA_ID", absl::StrCat("dp-", index)},
+      {"SFLB_METRICS_LISTEN", "127.0.0.1:0"},
   };
   for (const auto& [k, v] : options_.dataplane_env) env[k] = v;
   for (const auto& [k, v] : extra_env) env[k] = v;
