@@ -9,6 +9,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/http_server.h"
 #include "common/log.h"
 #include "common/metrics_server.h"
 #include "dataplane/dataplane_metrics.h"
@@ -368,6 +369,8 @@ void RegisterDataplaneOptions(OptionParser* parser, DataplaneOptions* o) {
                       "How long an idle client connection is kept open");
   parser->AddDuration("drain-grace", "SFLB_DRAIN_GRACE", &o->drain_grace,
                       "On SIGTERM, keep accepting this long (readyz fails) before closing");
+  parser->AddDuration("drain-timeout", "SFLB_DRAIN_TIMEOUT", &o->drain_timeout,
+                      "After closing, how long in-flight requests and streams may finish");
   parser->AddString("metrics-listen", "SFLB_METRICS_LISTEN", &o->metrics_listen,
                     "Prometheus /metrics listener host:port, or 'off'");
   parser->AddString("log-level", "SFLB_LOG_LEVEL", &o->log_level,
@@ -439,7 +442,7 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
                                             options.admin_key, absl::Seconds(5),
                                             absl::Seconds(1));
 
-  httplib::Server server;
+  HttpServer server;
   size_t max_connections = static_cast<size_t>(options.max_connections);
   Dataplane* dp_raw = dp.get();
   server.new_task_queue = [max_connections, dp_raw] {
@@ -463,13 +466,6 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
   server.set_payload_max_length(static_cast<size_t>(options.max_body_bytes));
   server.set_tcp_nodelay(true);
   InstallRoutes(server, dp.get());
-  // httplib listens with a backlog of 5 (compiled in); a burst of connects would see SYNs
-  // dropped and retried a second later. Keep the listening socket and widen its backlog.
-  int listen_socket = -1;
-  server.set_socket_options([&listen_socket](socket_t sock) {
-    httplib::default_socket_options(sock);
-    listen_socket = sock;
-  });
 
   int port = options.port == 0 ? server.bind_to_any_port(options.host)
                                : (server.bind_to_port(options.host, static_cast<int>(options.port))
@@ -479,9 +475,8 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.host, ":",
                                                options.port, " (address in use?)"));
   }
-  if (listen_socket >= 0) ::listen(listen_socket, 4096);
-  // Accepted client sockets must not inherit the listener's callback.
-  server.set_socket_options([](socket_t sock) { httplib::default_socket_options(sock); });
+  // httplib listens with a backlog of 5: a burst of connects would see SYNs dropped.
+  if (!server.RaiseBacklog(4096)) LogWarning("listen_backlog_not_raised");
   dp->link->Start();
   LogInfo("listening", {{"address", absl::StrCat(options.host, ":", port)},
                         {"port", port},
@@ -489,7 +484,11 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
                         {"controlplane", options.controlplane},
                         {"replica", dp->options.replica_id},
                         {"version", kVersion}});
-  std::thread listener([&server] { server.listen_after_bind(); });
+  std::atomic<bool> listener_done{false};
+  std::thread listener([&server, &listener_done] {
+    server.listen_after_bind();  // returns once every connection has finished
+    listener_done.store(true);
+  });
 
   for (;;) {
     int sig = WaitForSignal(absl::Seconds(1));
@@ -504,10 +503,32 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
       break;
     }
   }
+  // Drain: /readyz fails at once; new connections are still served for the grace so load
+  // balancers can catch up; then the listener closes, idle connections close, and requests in
+  // flight get until the drain deadline.
   dp->draining.store(true);
   dp->thread_pool.store(nullptr);
-  if (options.drain_grace > absl::ZeroDuration()) absl::SleepFor(options.drain_grace);
-  server.stop();  // closes the listener; the task queue's shutdown waits for in-flight requests
+  absl::Time grace_end = absl::Now() + options.drain_grace;
+  while (absl::Now() < grace_end) {
+    if (WaitForSignal(std::min(absl::Seconds(1), grace_end - absl::Now())) == SIGINT) break;
+  }
+  server.stop();
+  server.CloseIdleConnections();
+  absl::Time deadline = absl::Now() + options.drain_timeout;
+  LogInfo("listener_closed", {{"open_connections", server.open_connections()},
+                              {"drain_timeout_ms", absl::ToInt64Milliseconds(options.drain_timeout)}});
+  while (!listener_done.load() && absl::Now() < deadline) {
+    int sig = WaitForSignal(absl::Milliseconds(100));
+    if (sig == SIGINT) break;  // a second, impatient signal: end now
+    server.CloseIdleConnections();  // connections that just finished a request
+  }
+  if (!listener_done.load()) {
+    LogWarning("drain_deadline", {{"open_connections", server.open_connections()}});
+    dp->proxy->AbortAll();  // streams end with an SSE error event within about a second
+    absl::Time hard = absl::Now() + absl::Seconds(5);
+    while (!listener_done.load() && absl::Now() < hard) absl::SleepFor(absl::Milliseconds(50));
+    server.CloseConnections();
+  }
   listener.join();
   dp->link->Stop();
   LogInfo("stopped");

@@ -46,8 +46,10 @@ struct DataplaneOptions {
   absl::Duration client_write_timeout = absl::Seconds(60);
   absl::Duration keep_alive_timeout = absl::Seconds(30);
   // Draining on SIGTERM: how long to keep accepting (so load balancers notice /readyz), then
-  // how long in-flight requests get.
-  absl::Duration drain_grace = absl::Seconds(0);
+  // how long in-flight requests and streams get before they are ended (streams with an SSE
+  // error event).
+  absl::Duration drain_grace = absl::Seconds(5);
+  absl::Duration drain_timeout = absl::Seconds(540);
   // Prometheus metrics listener (SFLB_METRICS_LISTEN), "off" to disable.
   std::string metrics_listen = "0.0.0.0:9090";
   // Log level and whether to write one log line per request.

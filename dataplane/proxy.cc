@@ -81,6 +81,7 @@ struct StreamState {
   // Body bytes read before committing (the first piece of a stream), sent first.
   std::string pending;
   DataplaneMetrics* metrics = nullptr;
+  Proxy* proxy = nullptr;
   bool sse = false;
   // SSE bookkeeping: whether the bytes forwarded so far end at an event boundary, and the
   // current partial line (to find usage objects).
@@ -147,6 +148,27 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
   upstream.body = body;
 
   auto cancel = std::make_shared<CancelToken>();
+  {
+    MutexLock lock(&tokens_mu_);
+    tokens_.insert(cancel);
+  }
+  // Unregisters the token whatever way Forward returns; a stream keeps its own reference.
+  struct TokenGuard {
+    Proxy* proxy;
+    std::shared_ptr<CancelToken> token;
+    ~TokenGuard() {
+      MutexLock lock(&proxy->tokens_mu_);
+      proxy->tokens_.erase(token);
+    }
+  } token_guard{this, cancel};
+  if (aborting_.load()) {
+    result.error_code = "shutting_down";
+    SetOpenAiError(res, 503, "this sflb replica is shutting down; retry", "service_unavailable",
+                   result.error_code);
+    res.set_header("Retry-After", "1");
+    result.status = 503;
+    return;
+  }
   PickRequest pick_request;
   pick_request.model = summary.model;
   // The last upstream answer that was not committed, returned if no attempt succeeds.
@@ -191,6 +213,15 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
     };
 
     absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent = client_->Send(upstream, nullptr, cancel);
+    if (!sent.ok() && aborting_.load()) {
+      result.error_code = "shutting_down";
+      SetOpenAiError(res, 503, "this sflb replica is shutting down; retry", "service_unavailable",
+                     result.error_code);
+      res.set_header("Retry-After", "1");
+      result.status = 503;
+      finish_probe();
+      return;
+    }
     if (!sent.ok()) {
       last_transport_error = sent.status();
       if (metrics_ != nullptr) metrics_->RecordRetry("transport");
@@ -328,15 +359,33 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
     state->started = absl::Now();
     state->pending = std::move(first_piece);
     state->metrics = metrics_;
+    state->proxy = this;
     if (metrics_ != nullptr) metrics_->StreamStarted();
     auto provider = [state](size_t /*offset*/, httplib::DataSink& sink) -> bool {
       absl::StatusOr<absl::string_view> piece;
       if (!state->pending.empty()) {
         piece = absl::string_view(state->pending);
       } else {
-        piece = state->exchange->ReadSome([&sink] { return !sink.is_writable(); });
+        Proxy* proxy = state->proxy;
+        piece = state->exchange->ReadSome(
+            [&sink, proxy] { return proxy->aborting() || !sink.is_writable(); });
       }
       if (!piece.ok()) {
+        if (piece.status().code() == absl::StatusCode::kCancelled && state->proxy->aborting() &&
+            sink.is_writable()) {
+          // Drain deadline: end the stream well-formed rather than cutting it.
+          state->record->stream_end = "server_shutdown";
+          if (state->sse) {
+            std::string event = state->AtEventBoundary() ? "" : "\n\n";
+            event += SseErrorEvent(
+                "this sflb replica is shutting down and ended the stream; retry the request",
+                "service_unavailable", "server_shutting_down");
+            sink.write(event.data(), event.size());
+            sink.done();
+            return true;
+          }
+          return false;
+        }
         if (piece.status().code() == absl::StatusCode::kCancelled) {
           state->record->stream_end = "client_disconnected";
           return false;
@@ -475,6 +524,17 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
   }
   res.set_header("Retry-After", "30");
   result.status = 503;
+}
+
+void Proxy::AbortAll() {
+  aborting_.store(true);
+  std::set<std::shared_ptr<CancelToken>> tokens;
+  {
+    MutexLock lock(&tokens_mu_);
+    tokens = tokens_;
+  }
+  // Requests still waiting for the upstream's answer end now; streams notice `aborting_`.
+  for (const auto& token : tokens) token->Cancel();
 }
 
 }  // namespace sflb

@@ -7,12 +7,15 @@
 #ifndef SFLB_DATAPLANE_PROXY_H_
 #define SFLB_DATAPLANE_PROXY_H_
 
+#include <atomic>
 #include <cstdint>
+#include <set>
 #include <memory>
 #include <string>
 
 #include "absl/time/time.h"
 #include "common/cooldown_policy.h"
+#include "common/mutex.h"
 #include "dataplane/dataplane_metrics.h"
 #include "dataplane/key_pool.h"
 #include "dataplane/report_buffer.h"
@@ -49,12 +52,22 @@ class Proxy {
   void Forward(const httplib::Request& req, const std::string& path, std::string body,
                const std::shared_ptr<RequestRecord>& record, httplib::Response& res);
 
+  // Shutdown: every request still waiting on the upstream is cancelled (its client gets 503),
+  // and every stream ends with an SSE error event at its next wake-up (within about a
+  // second). Thread-safe; irreversible.
+  void AbortAll();
+  bool aborting() const { return aborting_.load(); }
+
  private:
   const ProxyOptions options_;
   UpstreamClient* const client_;
   KeyPool* const pool_;
   ReportBuffer* const reports_;
   DataplaneMetrics* const metrics_;
+  std::atomic<bool> aborting_{false};
+  Mutex tokens_mu_;
+  // Cancel tokens of requests in flight, so AbortAll can reach them.
+  std::set<std::shared_ptr<CancelToken>> tokens_ ABSL_GUARDED_BY(tokens_mu_);
 };
 
 }  // namespace sflb

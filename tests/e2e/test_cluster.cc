@@ -131,6 +131,8 @@ absl::StatusOr<int> TestCluster::StartDataplane(std::map<std::string, std::strin
       {"SFLB_CONTROLPLANE", controlplane_address()},
       {"SFLB_REPLICA_ID", absl::StrCat("dp-", index)},
       {"SFLB_METRICS_LISTEN", "127.0.0.1:0"},
+      // Tests stop replicas often; drain tests set their own grace.
+      {"SFLB_DRAIN_GRACE", "0s"},
   };
   for (const auto& [k, v] : options_.dataplane_env) env[k] = v;
   for (const auto& [k, v] : extra_env) env[k] = v;

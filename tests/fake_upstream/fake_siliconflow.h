@@ -26,6 +26,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/time/time.h"
+#include "common/http_server.h"
 #include "common/mutex.h"
 
 namespace sflb::testing {
@@ -181,37 +182,9 @@ class FakeSiliconFlow {
   // Current stall-release generation: bumped by Reset and DELETE /_fake/faults.
   uint64_t ReleaseGeneration();
 
-  // httplib::Server with two fixes that matter for a fake holding thousands of connections:
-  //  - httplib listens with a backlog of only 5: a burst of new connections overflows it, the
-  //    kernel drops SYNs and clients retry a second later. RaiseBacklog() fixes that.
-  //  - httplib waits for the next request on a keep-alive connection by polling every 10 ms
-  //    (1,000 idle connections cost ~1.5 cores) and does not end those waits on stop(), so
-  //    stopping takes up to the keep-alive timeout. This class serves each connection itself
-  //    (overriding the per-connection virtual, then calling httplib's request processing): it
-  //    waits with one blocking poll, sets TCP_NODELAY (SSE chunks are small writes), and
-  //    CloseConnections() shuts every connection down at once.
-  class Server : public httplib::Server {
-   public:
-    // Re-issues listen() on the bound socket; Linux updates the backlog in place (capped by
-    // net.core.somaxconn). Returns false on failure.
-    bool RaiseBacklog(int backlog);
-    // Shuts down every open connection (blocked reads and writes return at once) and makes
-    // connections accepted from now on close immediately. Thread-safe.
-    void CloseConnections();
-
-   private:
-    // Called by httplib on a worker thread for each accepted connection.
-    bool process_and_close_socket(::socket_t sock) override;
-
-    sflb::Mutex conn_mu_;
-    bool closing_ ABSL_GUARDED_BY(conn_mu_) = false;
-    // Open connections. A worker removes its socket before closing it, so every descriptor
-    // here is open while conn_mu_ is held.
-    std::set<::socket_t> connections_ ABSL_GUARDED_BY(conn_mu_);
-  };
-
   const FakeOptions options_;
-  Server server_;
+  // httplib::Server with a raised backlog and efficient, stoppable keep-alive waits.
+  HttpServer server_;
   int port_ = -1;  // Set by BindToPort before any handler runs.
 
   mutable sflb::Mutex mu_;

@@ -1,0 +1,206 @@
+#include "common/http_server.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+namespace sflb {
+namespace {
+
+int TimeoutMs(time_t sec, time_t usec) {
+  return static_cast<int>(std::min<int64_t>(int64_t{sec} * 1000 + usec / 1000, 24 * 3600 * 1000));
+}
+
+// poll() on one descriptor, retried on EINTR. Returns poll's result; `revents` gets the events.
+int PollOne(int fd, short events, int timeout_ms, short* revents) {
+  pollfd p{fd, events, 0};
+  int r;
+  do {
+    r = ::poll(&p, 1, timeout_ms);
+  } while (r < 0 && errno == EINTR);
+  *revents = p.revents;
+  return r;
+}
+
+void SockaddrToIpPort(const sockaddr_storage& addr, std::string& ip, int& port) {
+  char buf[INET6_ADDRSTRLEN] = {0};
+  if (addr.ss_family == AF_INET) {
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&addr);
+    inet_ntop(AF_INET, &a->sin_addr, buf, sizeof(buf));
+    port = ntohs(a->sin_port);
+  } else if (addr.ss_family == AF_INET6) {
+    const auto* a = reinterpret_cast<const sockaddr_in6*>(&addr);
+    inet_ntop(AF_INET6, &a->sin6_addr, buf, sizeof(buf));
+    port = ntohs(a->sin6_port);
+  }
+  ip = buf;
+}
+
+// An httplib::Stream over one accepted TCP connection: what httplib's internal SocketStream
+// does (buffered reads, timeouts), but writability also checks that the peer is still there,
+// so a streaming handler notices a client that left within one chunk.
+class ConnectionStream final : public httplib::Stream {
+ public:
+  ConnectionStream(int fd, int read_timeout_ms, int write_timeout_ms)
+      : fd_(fd), read_timeout_ms_(read_timeout_ms), write_timeout_ms_(write_timeout_ms) {}
+
+  // Waits up to `timeout_ms` for the first byte of the next request. One blocking poll: a
+  // shutdown() from CloseConnections() wakes it. False on timeout, error or peer close.
+  bool WaitForRequest(int timeout_ms) {
+    if (off_ < len_) return true;  // A pipelined request is already buffered.
+    short revents = 0;
+    return PollOne(fd_, POLLIN, timeout_ms, &revents) > 0 && (revents & POLLIN) != 0;
+  }
+
+  bool is_readable() const override {
+    if (off_ < len_) return true;
+    short revents = 0;
+    return PollOne(fd_, POLLIN, read_timeout_ms_, &revents) > 0;
+  }
+
+  bool is_writable() const override {
+    short revents = 0;
+    if (PollOne(fd_, POLLOUT, write_timeout_ms_, &revents) <= 0) return false;
+    if ((revents & (POLLERR | POLLHUP | POLLNVAL)) != 0) return false;
+    // The peer closed its side (or reset): it will read nothing more.
+    return PollOne(fd_, POLLRDHUP, 0, &revents) == 0 ||
+           (revents & (POLLRDHUP | POLLERR | POLLHUP)) == 0;
+  }
+
+  ssize_t read(char* ptr, size_t size) override {
+    if (off_ == len_) {
+      if (!is_readable()) return -1;
+      off_ = len_ = 0;
+      if (size >= sizeof(buf_)) return Recv(ptr, size);  // Large reads bypass the buffer.
+      const ssize_t n = Recv(buf_, sizeof(buf_));
+      if (n <= 0) return n;
+      len_ = static_cast<size_t>(n);
+    }
+    const size_t n = std::min(size, len_ - off_);
+    std::memcpy(ptr, buf_ + off_, n);
+    off_ += n;
+    return static_cast<ssize_t>(n);
+  }
+
+  ssize_t write(const char* ptr, size_t size) override {
+    if (!is_writable()) return -1;
+    ssize_t n;
+    do {
+      n = ::send(fd_, ptr, size, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n;
+  }
+
+  void get_remote_ip_and_port(std::string& ip, int& port) const override {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof(addr);
+    if (::getpeername(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+      SockaddrToIpPort(addr, ip, port);
+    }
+  }
+
+  void get_local_ip_and_port(std::string& ip, int& port) const override {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof(addr);
+    if (::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+      SockaddrToIpPort(addr, ip, port);
+    }
+  }
+
+  ::socket_t socket() const override { return fd_; }
+
+ private:
+  ssize_t Recv(char* ptr, size_t size) {
+    ssize_t n;
+    do {
+      n = ::recv(fd_, ptr, size, 0);
+    } while (n < 0 && errno == EINTR);
+    return n;
+  }
+
+  const int fd_;
+  const int read_timeout_ms_;
+  const int write_timeout_ms_;
+  char buf_[4096];
+  size_t off_ = 0;
+  size_t len_ = 0;
+};
+
+}  // namespace
+
+bool HttpServer::RaiseBacklog(int backlog) {
+  return ::listen(svr_sock_, backlog) == 0;
+}
+
+void HttpServer::CloseConnections() {
+  MutexLock lock(&conn_mu_);
+  closing_ = true;
+  for (const auto& [fd, idle] : connections_) ::shutdown(fd, SHUT_RDWR);
+}
+
+void HttpServer::CloseIdleConnections() {
+  MutexLock lock(&conn_mu_);
+  closing_idle_ = true;
+  for (const auto& [fd, idle] : connections_) {
+    if (idle) ::shutdown(fd, SHUT_RDWR);
+  }
+}
+
+size_t HttpServer::open_connections() const {
+  MutexLock lock(&conn_mu_);
+  return connections_.size();
+}
+
+// Mirrors httplib's own per-connection loop (wait for a request, process it, repeat while the
+// connection is kept alive), with an efficient, stoppable wait.
+bool HttpServer::process_and_close_socket(::socket_t sock) {
+  {
+    MutexLock lock(&conn_mu_);
+    if (closing_) {
+      ::close(sock);
+      return false;
+    }
+    connections_[sock] = true;
+  }
+  const int one = 1;
+  setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  ConnectionStream stream(sock, TimeoutMs(read_timeout_sec_, read_timeout_usec_),
+                          TimeoutMs(write_timeout_sec_, write_timeout_usec_));
+  bool ok = false;
+  for (size_t left = keep_alive_max_count_; left > 0; --left) {
+    bool draining;
+    {
+      MutexLock lock(&conn_mu_);
+      draining = closing_idle_;
+      connections_[sock] = true;  // idle: waiting for the next request
+    }
+    // A draining server finishes the request a connection was opened for, then closes it.
+    if (draining && left != keep_alive_max_count_) break;
+    if (!stream.WaitForRequest(static_cast<int>(keep_alive_timeout_sec_ * 1000))) break;
+    {
+      MutexLock lock(&conn_mu_);
+      connections_[sock] = false;
+      draining = closing_idle_;
+    }
+    bool connection_closed = false;
+    ok = process_request(stream, /*close_connection=*/left == 1 || draining, connection_closed,
+                         nullptr);
+    if (!ok || connection_closed) break;
+  }
+  {
+    MutexLock lock(&conn_mu_);
+    connections_.erase(sock);
+  }
+  ::shutdown(sock, SHUT_RDWR);
+  ::close(sock);
+  return ok;
+}
+
+}  // namespace sflb
