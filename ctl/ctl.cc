@@ -1,16 +1,26 @@
 #include "ctl/ctl.h"
 
+#include <httplib.h>
+#include <signal.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <csignal>
 #include <cstdint>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -22,9 +32,13 @@
 #include "common/grpc_util.h"
 #include "common/time_format.h"
 #include "common/version.h"
+#include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/struct.pb.h"
 #include "google/protobuf/util/json_util.h"
+#include "google/protobuf/wire_format_lite.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
+#include "nlohmann/json.hpp"
 #include "sflb/v1/admin_service.grpc.pb.h"
 
 namespace sflb {
@@ -73,6 +87,26 @@ std::string FormatShortDuration(absl::Duration d) {
   if (s < 3600) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
   if (s < 86400) return absl::StrFormat("%dh%02dm", s / 3600, s % 3600 / 60);
   return absl::StrFormat("%dd%02dh", s / 86400, s % 86400 / 3600);
+}
+
+absl::optional<absl::Time> ParseSinceTime(absl::string_view text, absl::Time now) {
+  text = absl::StripAsciiWhitespace(text);
+  if (text.empty()) return absl::nullopt;
+  // A duration ago: "1h", "30m", "90s", "1h30m" (a bare number is seconds), or whole days "2d".
+  if (absl::optional<absl::Duration> ago = ParseDurationSetting(text)) return now - *ago;
+  if (absl::string_view days = text; absl::ConsumeSuffix(&days, "d")) {
+    int n = 0;
+    if (absl::SimpleAtoi(days, &n) && n >= 0 && n <= 36500) return now - absl::Hours(24) * n;
+  }
+  // A point in time. RFC 3339 allows a space for the 'T'; without an offset it is UTC.
+  std::string time(text);
+  if (time.size() > 10 && time[10] == ' ') time[10] = 'T';
+  absl::Time t;
+  std::string error;
+  for (const char* format : {absl::RFC3339_full, "%Y-%m-%d%ET%H:%M:%E*S", "%Y-%m-%d"}) {
+    if (absl::ParseTime(format, time, absl::UTCTimeZone(), &t, &error)) return t;
+  }
+  return absl::nullopt;
 }
 
 std::string WrapText(absl::string_view text, size_t width, absl::string_view indent) {
@@ -221,6 +255,8 @@ struct Invocation {
   std::string server = kDefaultServer;
   bool json = false;
   absl::Duration timeout = kDefaultTimeout;
+  // Whether --timeout was given (some commands have a longer default).
+  bool timeout_set = false;
   bool help = false;
   // From --admin-key-file; empty means LB_ADMIN_KEY.
   std::string admin_key_file;
@@ -319,6 +355,7 @@ absl::optional<UsageError> ApplyGlobalFlag(absl::string_view name,
                                      "got '", *value, "'")};
     }
     inv->timeout = *d;
+    inv->timeout_set = true;
   }
   return absl::nullopt;
 }
@@ -489,9 +526,16 @@ std::string OneLine(absl::string_view text) {
 // nor an admin key).
 class Session {
  public:
+  // `stop_requested` (may be empty: then SIGINT/SIGTERM) ends long-running commands.
   Session(const Invocation& invocation, const EnvLookup& env, std::ostream& out,
-          std::ostream& err)
-      : inv_(invocation), env_(env), out_(out), err_(err), now_(absl::Now()) {}
+          std::ostream& err, std::function<bool()> stop_requested)
+      : inv_(invocation),
+        env_(env),
+        out_(out),
+        err_(err),
+        now_(absl::Now()),
+        timeout_(invocation.timeout),
+        stop_requested_(std::move(stop_requested)) {}
 
   std::ostream& out() { return out_; }
   std::ostream& err() { return err_; }
@@ -500,6 +544,14 @@ class Session {
   absl::Time now() const { return now_; }
   const std::vector<std::string>& args() const { return inv_.args; }
   const EnvLookup& env() const { return env_; }
+  const std::string& server() const { return inv_.server; }
+  // The deadline of each call.
+  absl::Duration timeout() const { return timeout_; }
+  // For commands whose calls take longer by nature: raises the deadline to `d` unless the
+  // user chose one with --timeout.
+  void UseLongerDefaultTimeout(absl::Duration d) {
+    if (!inv_.timeout_set) timeout_ = std::max(timeout_, d);
+  }
   // The value of one of the command's own flags, if given.
   absl::optional<std::string> flag(const std::string& name) const {
     auto it = inv_.flags.find(name);
@@ -521,22 +573,38 @@ class Session {
   // Loads the admin key and opens the channel, once. Returns kCtlOk, or prints why not and
   // returns kCtlNoAdminKey.
   int Connect() {
-    if (channel_ != nullptr) return kCtlOk;
+    if (admin_ != nullptr) return kCtlOk;
     if (int rc = LoadAdminKey(); rc != kCtlOk) return rc;
-    channel_ = MakeControlplaneChannel(inv_.server);
+    OpenChannel();
     admin_ = v1::AdminService::NewStub(channel_);
     return kCtlOk;
   }
-  // After Connect(): the channel, for commands that use another service (e.g. health).
+  // Opens the channel without an admin key, for services that need none (health).
+  void OpenChannel() {
+    if (channel_ == nullptr) channel_ = MakeControlplaneChannel(inv_.server);
+  }
+  // After Connect() or OpenChannel(): the channel, for commands that use another service.
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
+  // After Connect(): the AdminService stub.
+  v1::AdminService::Stub& admin() const { return *admin_; }
 
-  // After Connect(): a context with the deadline and the admin key for one call.
-  std::unique_ptr<grpc::ClientContext> NewCallContext() const {
+  // After Connect(): a context with the deadline and the admin key for one call. `extra` is
+  // added to the deadline, for calls that wait on the server by design.
+  std::unique_ptr<grpc::ClientContext> NewCallContext(
+      absl::Duration extra = absl::ZeroDuration()) const {
     auto context = std::make_unique<grpc::ClientContext>();
-    context->set_deadline(absl::ToChronoTime(absl::Now() + inv_.timeout));
+    context->set_deadline(absl::ToChronoTime(absl::Now() + timeout_ + extra));
     context->AddMetadata(kAuthorizationMetadata, absl::StrCat("Bearer ", admin_key_));
     return context;
   }
+
+  // Whether a long-running command should end now: the caller's predicate, or else a SIGINT
+  // or SIGTERM since the last InstallStopSignals().
+  bool StopRequested() const;
+  // Without a caller's predicate: catches SIGINT and SIGTERM (restored when the session ends),
+  // so that StopRequested() sees them. Idempotent.
+  void InstallStopSignals();
+  ~Session();
 
   // Explains a failed call `rpc` on stderr and returns its exit code.
   int RpcFailure(absl::string_view rpc, const grpc::Status& status) {
@@ -550,7 +618,7 @@ class Session {
       case grpc::StatusCode::DEADLINE_EXCEEDED:
         return Fail(kCtlUnreachable,
                     absl::StrCat("no answer from ", where, " within ",
-                                 absl::FormatDuration(inv_.timeout), "; ", check,
+                                 absl::FormatDuration(timeout_), "; ", check,
                                  ", or raise --timeout"));
       case grpc::StatusCode::UNAUTHENTICATED:
       case grpc::StatusCode::PERMISSION_DENIED:
@@ -644,12 +712,47 @@ class Session {
   std::ostream& out_;
   std::ostream& err_;
   const absl::Time now_;
+  absl::Duration timeout_;
+  const std::function<bool()> stop_requested_;
+  // The dispositions InstallStopSignals() replaced, restored by the destructor.
+  bool signals_installed_ = false;
+  struct sigaction old_sigint_ = {};
+  struct sigaction old_sigterm_ = {};
   std::string admin_key_;
   // "LB_ADMIN_KEY" or "--admin-key-file PATH", for messages. Never the key.
   std::string admin_key_origin_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::AdminService::Stub> admin_;
 };
+
+// Set by SIGINT/SIGTERM while a session listens for them. Lock-free, so async-signal-safe.
+std::atomic<bool> g_stop_signalled{false};
+static_assert(std::atomic<bool>::is_always_lock_free, "the signal handler needs a lock-free flag");
+
+extern "C" void OnStopSignal(int) { g_stop_signalled.store(true); }
+
+bool Session::StopRequested() const {
+  if (stop_requested_) return stop_requested_();
+  return signals_installed_ && g_stop_signalled.load();
+}
+
+void Session::InstallStopSignals() {
+  if (stop_requested_ || signals_installed_) return;
+  g_stop_signalled.store(false);
+  struct sigaction action = {};
+  action.sa_handler = OnStopSignal;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGINT, &action, &old_sigint_);
+  sigaction(SIGTERM, &action, &old_sigterm_);
+  signals_installed_ = true;
+}
+
+Session::~Session() {
+  if (signals_installed_) {
+    sigaction(SIGINT, &old_sigint_, nullptr);
+    sigaction(SIGTERM, &old_sigterm_, nullptr);
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Key tables, shared by `stats` and `keys`.
@@ -1073,6 +1176,424 @@ int ReloadCommand(Session& s) {
                      });
 }
 
+// ---------------------------------------------------------------------------------------------
+// balance
+
+// Balance refreshes ask the upstream for every key (10 s each at worst, 8 at a time), so the
+// call gets a longer deadline than the others unless --timeout says otherwise.
+constexpr absl::Duration kBalanceTimeout = absl::Seconds(60);
+
+// "ok", "unavailable", "error".
+std::string BalanceStatusName(v1::BalanceStatus status) {
+  switch (status) {
+    case v1::BALANCE_STATUS_OK:
+      return "ok";
+    case v1::BALANCE_STATUS_UNAVAILABLE:
+      return "unavailable";
+    case v1::BALANCE_STATUS_ERROR:
+      return "error";
+    default:
+      return "unknown";
+  }
+}
+
+void PrintBalances(const v1::GetBalancesResponse& r, absl::Time now, std::ostream& out) {
+  if (r.keys().empty()) {
+    out << (r.message().empty() ? std::string("No keys.") : OneLine(r.message())) << "\n";
+    return;
+  }
+  TextTable table({{"INDEX", TextTable::Align::kRight},
+                   {"KEY FINGERPRINT"},
+                   {"ACCOUNT ID"},
+                   {"STATUS"},
+                   {"BALANCE", TextTable::Align::kRight},
+                   {"CHECKED"},
+                   {"ERROR"}});
+  for (const v1::KeyBalance& k : r.keys()) {
+    table.AddRow({absl::StrCat(k.index()), k.fingerprint(),
+                  k.account_id().empty() ? std::string("-") : k.account_id(),
+                  BalanceStatusName(k.status()),
+                  k.balance().empty() ? std::string("-") : k.balance(),
+                  FormatTimeAgo(k.has_checked_at() ? FromProtoTime(k.checked_at())
+                                                   : absl::InfinitePast(),
+                                now),
+                  k.error().empty() ? std::string("-") : OneLine(k.error())});
+  }
+  // With no balance known a total of 0.0000 would be a lie.
+  table.SetTotals({"TOTAL", "", "", "", r.unavailable() ? std::string("-") : r.total_balance()});
+  table.Print(out);
+  out << "\n";
+  if (r.unavailable()) {
+    out << "Balances are unavailable: the upstream no longer reports them for any of the "
+        << r.keys_size() << (r.keys_size() == 1 ? " key" : " keys")
+        << ". This is not an error; the keys keep serving.\n";
+  }
+  if (!r.message().empty()) out << OneLine(r.message()) << "\n";
+}
+
+int BalanceCommand(Session& s) {
+  v1::GetBalancesRequest request;
+  request.set_refresh(s.flag("refresh").has_value());
+  s.UseLongerDefaultTimeout(kBalanceTimeout);
+  return s.CallAdmin("GetBalances", &v1::AdminService::Stub::GetBalances, request,
+                     [&s](const v1::GetBalancesResponse& r) { PrintBalances(r, s.now(), s.out()); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// audit
+
+// How long one `audit --follow` poll waits on the server for a new entry.
+constexpr absl::Duration kFollowWait = absl::Seconds(10);
+// Entries one follow poll may return (the server's maximum).
+constexpr uint32_t kFollowLimit = 10000;
+// How often a waiting follow poll checks whether to stop.
+constexpr absl::Duration kStopCheckInterval = absl::Milliseconds(100);
+
+// Prints audit entries as they come, in batches: `seq  ts  type  actor  details` with the first
+// four columns aligned (the widths only grow, so a follow stays aligned as far as possible), or
+// with --json each entry as one line of JSON (JSON Lines).
+class AuditPrinter {
+ public:
+  AuditPrinter(std::ostream& out, bool json) : out_(out), json_(json) {}
+
+  void Print(const google::protobuf::RepeatedPtrField<std::string>& entries) {
+    std::vector<std::vector<std::string>> rows;
+    for (const std::string& entry : entries) {
+      nlohmann::json j = nlohmann::json::parse(entry, nullptr, /*allow_exceptions=*/false);
+      const bool object = j.is_object();
+      if (object) {
+        auto seq = j.find("seq");
+        if (seq != j.end() && seq->is_number_unsigned()) {
+          last_seq_ = std::max(last_seq_, seq->get<uint64_t>());
+        }
+      }
+      ++printed_;
+      if (json_) {
+        // The entry as the server sent it (as written to the log), one line per entry.
+        if (!object) {
+          out_ << OneLine(entry) << "\n";
+        } else {
+          out_ << (entry.find('\n') == std::string::npos ? entry : j.dump()) << "\n";
+        }
+        continue;
+      }
+      if (!object) {
+        rows.push_back({"?", "-", "-", "-", OneLine(entry)});
+        continue;
+      }
+      rows.push_back({Field(j, "seq"), Field(j, "ts"), Field(j, "type"), Field(j, "actor"),
+                      j.contains("details") ? j["details"].dump() : std::string("{}")});
+    }
+    for (const auto& row : rows) {
+      for (size_t i = 0; i < 4; ++i) widths_[i] = std::max(widths_[i], DisplayWidth(row[i]));
+    }
+    for (const auto& row : rows) {
+      std::string line;
+      for (size_t i = 0; i < 4; ++i) {
+        std::string pad(widths_[i] - DisplayWidth(row[i]), ' ');
+        // seq is a number: right-aligned.
+        absl::StrAppend(&line, i == 0 ? pad : "", row[i], i == 0 ? "" : pad, "  ");
+      }
+      absl::StrAppend(&line, row[4]);
+      out_ << absl::StripTrailingAsciiWhitespace(line) << "\n";
+    }
+    out_.flush();
+  }
+
+  // The highest seq printed; 0 if none.
+  uint64_t last_seq() const { return last_seq_; }
+  size_t printed() const { return printed_; }
+
+ private:
+  // A top-level field as text: strings without quotes, "-" when missing or empty.
+  static std::string Field(const nlohmann::json& j, const char* name) {
+    auto it = j.find(name);
+    if (it == j.end() || it->is_null()) return "-";
+    std::string text = it->is_string() ? it->get<std::string>() : it->dump();
+    return text.empty() ? std::string("-") : OneLine(text);
+  }
+
+  std::ostream& out_;
+  const bool json_;
+  size_t widths_[4] = {0, 0, 0, 0};
+  uint64_t last_seq_ = 0;
+  size_t printed_ = 0;
+};
+
+// One ReadAudit call that gives up as soon as the session is asked to stop: the call runs on
+// gRPC's callback API while this thread checks StopRequested() every kStopCheckInterval, and
+// cancels the call (CANCELLED) when it turns true.
+grpc::Status ReadAuditStoppable(Session& s, const v1::ReadAuditRequest& request,
+                                v1::ReadAuditResponse* response, absl::Duration extra_deadline) {
+  std::unique_ptr<grpc::ClientContext> context = s.NewCallContext(extra_deadline);
+  std::mutex mu;
+  std::condition_variable done_cv;
+  bool done = false;
+  grpc::Status result;
+  s.admin().async()->ReadAudit(context.get(), &request, response, [&](grpc::Status status) {
+    std::lock_guard<std::mutex> lock(mu);
+    result = std::move(status);
+    done = true;
+    done_cv.notify_all();
+  });
+  std::unique_lock<std::mutex> lock(mu);
+  bool cancelled = false;
+  while (!done) {
+    done_cv.wait_for(lock, absl::ToChronoMilliseconds(kStopCheckInterval));
+    if (!done && !cancelled) {
+      lock.unlock();
+      if (s.StopRequested()) {
+        context->TryCancel();
+        cancelled = true;
+      }
+      lock.lock();
+    }
+  }
+  return result;
+}
+
+// Sleeps up to `d`, returning early (true) once the session is asked to stop.
+bool SleepUnlessStopped(Session& s, absl::Duration d) {
+  const absl::Time until = absl::Now() + d;
+  while (absl::Now() < until) {
+    if (s.StopRequested()) return true;
+    absl::SleepFor(std::min(kStopCheckInterval, until - absl::Now()));
+  }
+  return s.StopRequested();
+}
+
+int AuditCommand(Session& s) {
+  v1::ReadAuditRequest request;
+  absl::optional<std::string> since_text = s.flag("since");
+  if (since_text.has_value()) {
+    absl::optional<absl::Time> since = ParseSinceTime(*since_text, s.now());
+    if (!since.has_value()) {
+      return s.UsageFailure(absl::StrCat(
+          "--since: expected an RFC 3339 time like 2026-11-26T13:00:00Z or a duration ago like "
+          "1h or 30m, got '", *since_text, "'"));
+    }
+    *request.mutable_since() = ToProtoTime(*since);
+  }
+  if (absl::optional<std::string> limit_text = s.flag("limit")) {
+    uint32_t limit = 0;
+    if (!absl::SimpleAtoi(*limit_text, &limit) || limit < 1 || limit > kFollowLimit) {
+      return s.UsageFailure(absl::StrCat("--limit: expected a number from 1 to ", kFollowLimit,
+                                         ", got '", *limit_text, "'"));
+    }
+    request.set_limit(limit);
+  }
+  const bool follow = s.flag("follow").has_value();
+  if (int rc = s.Connect(); rc != kCtlOk) return rc;
+  if (follow) s.InstallStopSignals();
+
+  AuditPrinter printer(s.out(), s.json());
+  v1::ReadAuditResponse response;
+  grpc::Status status;
+  if (follow) {
+    status = ReadAuditStoppable(s, request, &response, absl::ZeroDuration());
+  } else {
+    status = s.admin().ReadAudit(s.NewCallContext().get(), request, &response);
+  }
+  if (!status.ok()) {
+    if (follow && s.StopRequested()) return kCtlOk;
+    return s.RpcFailure("ReadAudit", status);
+  }
+  printer.Print(response.entries());
+  if (!follow) {
+    if (printer.printed() == 0 && !s.json()) {
+      s.out() << "No audit entries"
+              << (request.has_since()
+                      ? absl::StrCat(" since ", FormatIso8601(FromProtoTime(request.since())))
+                      : std::string())
+              << ".\n";
+    }
+    return kCtlOk;
+  }
+
+  // Follow: ask for what comes after the last entry printed (or, if none was, after the
+  // newest entry there is), each poll waiting up to kFollowWait on the server.
+  uint64_t cursor = printer.printed() > 0 ? printer.last_seq() : response.last_seq();
+  request.set_limit(kFollowLimit);
+  *request.mutable_wait() = ToProtoDuration(kFollowWait);
+  while (!s.StopRequested()) {
+    request.set_after_seq(cursor);
+    response.Clear();
+    const absl::Time started = absl::Now();
+    status = ReadAuditStoppable(s, request, &response, kFollowWait);
+    if (!status.ok()) {
+      // Cancelled because we were asked to stop: a normal end.
+      if (s.StopRequested()) break;
+      return s.RpcFailure("ReadAudit", status);
+    }
+    if (response.entries_size() >= static_cast<int>(kFollowLimit)) {
+      s.err() << kProgram << ": warning: more than " << kFollowLimit
+              << " entries arrived at once; older ones were skipped\n";
+    }
+    printer.Print(response.entries());
+    cursor = std::max(cursor, printer.last_seq());
+    // A server that answers at once with nothing (no wait support, or an empty log at seq 0)
+    // must not turn this into a busy loop.
+    if (response.entries_size() == 0 && absl::Now() - started < absl::Seconds(1)) {
+      if (SleepUnlessStopped(s, absl::Seconds(1))) break;
+    }
+  }
+  s.out().flush();
+  return kCtlOk;
+}
+
+// ---------------------------------------------------------------------------------------------
+// health
+
+// grpc.health.v1.HealthCheckResponse.ServingStatus.
+std::string ServingStatusName(uint64_t status) {
+  switch (status) {
+    case 0:
+      return "UNKNOWN";
+    case 1:
+      return "SERVING";
+    case 2:
+      return "NOT_SERVING";
+    case 3:
+      return "SERVICE_UNKNOWN";
+    default:
+      return absl::StrCat("STATUS_", status);
+  }
+}
+
+// Reads HealthCheckResponse{ServingStatus status = 1} from its wire bytes. Nullopt if they are
+// not a valid message.
+absl::optional<uint64_t> ParseHealthCheckResponse(const std::string& bytes) {
+  using google::protobuf::internal::WireFormatLite;
+  google::protobuf::io::CodedInputStream input(reinterpret_cast<const uint8_t*>(bytes.data()),
+                                               static_cast<int>(bytes.size()));
+  uint64_t status = 0;  // proto3: absent means the default, UNKNOWN
+  while (uint32_t tag = input.ReadTag()) {
+    if (tag == WireFormatLite::MakeTag(1, WireFormatLite::WIRETYPE_VARINT)) {
+      if (!input.ReadVarint64(&status)) return absl::nullopt;
+    } else if (!WireFormatLite::SkipField(&input, tag)) {
+      return absl::nullopt;
+    }
+  }
+  if (!input.ConsumedEntireMessage()) return absl::nullopt;
+  return status;
+}
+
+int PrintHealth(Session& s, const std::string& target, bool healthy, const std::string& status,
+                int http_status) {
+  if (s.json()) {
+    google::protobuf::Struct result;
+    auto& fields = *result.mutable_fields();
+    fields["target"].set_string_value(target);
+    fields["status"].set_string_value(status);
+    fields["healthy"].set_bool_value(healthy);
+    if (http_status != 0) fields["http_status"].set_number_value(http_status);
+    if (int rc = s.PrintJson(result); rc != kCtlOk) return rc;
+  } else {
+    s.out() << target << ": " << status << "\n";
+  }
+  return healthy ? kCtlOk : kCtlFailed;
+}
+
+// `health --http URL`: one GET, no redirects; 200 is healthy.
+int HttpHealth(Session& s, const std::string& url) {
+  absl::string_view rest = url;
+  if (!absl::ConsumePrefix(&rest, "http://") && !absl::ConsumePrefix(&rest, "https://")) {
+    return s.UsageFailure(absl::StrCat("--http: expected a URL like http://127.0.0.1:3000/readyz, "
+                                       "got '", url, "'"));
+  }
+  const size_t scheme_size = url.size() - rest.size();
+  const size_t slash = rest.find('/');
+  const absl::string_view authority = rest.substr(0, slash);
+  if (authority.empty()) return s.UsageFailure(absl::StrCat("--http: no host in '", url, "'"));
+  // httplib wants "scheme://host:port" and the path apart.
+  const std::string origin = url.substr(0, scheme_size + authority.size());
+  const std::string path = slash == absl::string_view::npos ? "/" : std::string(rest.substr(slash));
+  httplib::Client client(origin);
+  if (!client.is_valid()) {
+    return s.UsageFailure(absl::StrCat("--http: cannot use '", url, "'"));
+  }
+  const auto timeout = absl::ToChronoMicroseconds(s.timeout());
+  client.set_connection_timeout(timeout);
+  client.set_read_timeout(timeout);
+  client.set_write_timeout(timeout);
+  client.set_follow_location(false);
+  httplib::Result res = client.Get(path);
+  if (!res) {
+    return s.Fail(kCtlUnreachable, absl::StrCat("cannot reach ", url, " (",
+                                                httplib::to_string(res.error()), ")"));
+  }
+  const bool healthy = res->status == 200;
+  std::string status = absl::StrCat("HTTP ", res->status);
+  if (!healthy) {
+    // The first line of the answer says why, often enough ("not ready: no keys").
+    std::string body = OneLine(res->body.substr(0, res->body.find('\n')));
+    if (body.size() > 200) body = absl::StrCat(body.substr(0, 200), "...");
+    if (!body.empty()) absl::StrAppend(&status, " (", body, ")");
+  }
+  return PrintHealth(s, url, healthy, status, res->status);
+}
+
+// `health`: grpc.health.v1.Health/Check for the whole server (service ""), without the admin
+// key. Debian ships no generated health stubs, so the call goes through grpc::GenericStub with
+// hand-encoded messages: the request HealthCheckRequest{service = ""} is zero bytes, and the
+// response is decoded by ParseHealthCheckResponse().
+int HealthCommand(Session& s) {
+  if (absl::optional<std::string> url = s.flag("http")) return HttpHealth(s, *url);
+  s.OpenChannel();
+  grpc::GenericStub stub(s.channel());
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + s.timeout()));
+  grpc::Slice empty;
+  grpc::ByteBuffer request(&empty, 1);
+  grpc::ByteBuffer reply;
+  std::mutex mu;
+  std::condition_variable done_cv;
+  bool done = false;
+  grpc::Status status;
+  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &reply,
+                 [&](grpc::Status result) {
+                   std::lock_guard<std::mutex> lock(mu);
+                   status = std::move(result);
+                   done = true;
+                   done_cv.notify_all();
+                 });
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    done_cv.wait(lock, [&] { return done; });
+  }
+  const std::string target = absl::StrCat("controlplane ", s.server());
+  switch (status.error_code()) {
+    case grpc::StatusCode::OK:
+      break;
+    case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return s.RpcFailure("Health/Check", status);
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return s.Fail(kCtlFailed, absl::StrCat("the controlplane at ", s.server(),
+                                             " does not serve grpc.health.v1.Health"));
+    default:
+      return s.Fail(kCtlFailed,
+                    absl::StrCat("health check of the controlplane at ", s.server(), " failed: ",
+                                 OneLine(status.error_message()), " (",
+                                 absl::StatusCodeToString(
+                                     static_cast<absl::StatusCode>(status.error_code())),
+                                 ")"));
+  }
+  std::vector<grpc::Slice> slices;
+  std::string bytes;
+  if (reply.Valid() && reply.Dump(&slices).ok()) {
+    for (const grpc::Slice& slice : slices) {
+      bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+    }
+  }
+  absl::optional<uint64_t> serving = ParseHealthCheckResponse(bytes);
+  if (!serving.has_value()) {
+    return s.Fail(kCtlFailed, absl::StrCat("the controlplane at ", s.server(),
+                                           " sent an unreadable health check answer"));
+  }
+  return PrintHealth(s, target, *serving == 1, ServingStatusName(*serving), 0);
+}
+
 int HelpCommand(Session& s) {
   if (s.args().empty()) {
     s.out() << GeneralUsage();
@@ -1178,6 +1699,48 @@ const std::vector<Command>& Commands() {
        0,
        0,
        ReloadCommand},
+      {"balance",
+       "[--refresh]",
+       "Account balances per key (from the upstream's user/info), with their total",
+       "Columns: INDEX, KEY FINGERPRINT, ACCOUNT ID (the upstream's account of the key), STATUS\n"
+       "(ok; unavailable: the upstream no longer offers balances, HTTP 404/410; error: see\n"
+       "ERROR), BALANCE (totalBalance, 4 places), CHECKED (when the upstream was asked), ERROR.\n"
+       "TOTAL sums the known balances; the last line says what was and was not known.\n"
+       "Answers come from the controlplane's cache (5 minutes) unless --refresh. A known\n"
+       "balance at or below the threshold marks the key depleted. Balances being unavailable\n"
+       "is information, not a failure: exit 0. The call's deadline defaults to 60s here.\n"
+       "--json prints GetBalancesResponse.\n",
+       {{"refresh", "", "ask the upstream now instead of answering from the cache"}},
+       0,
+       0,
+       BalanceCommand},
+      {"audit",
+       "[--since TIME] [--limit N] [--follow]",
+       "The controlplane's audit log: reloads, key state changes, admin calls",
+       "One line per entry, oldest first: SEQ, TIME (UTC), TYPE, ACTOR and the details as\n"
+       "compact JSON. --json prints each entry as one JSON object per line (JSON Lines).\n"
+       "--follow keeps printing new entries as they are written until interrupted (Ctrl-C\n"
+       "or SIGTERM; exit 0). Exit 1 if the controlplane runs without an audit log.\n",
+       {{"since", "TIME",
+         "only entries at or after TIME: RFC 3339 (2026-11-26T13:00:00Z), a date, or a "
+         "duration ago (1h, 30m, 2d)"},
+        {"limit", "N", "the newest N entries (1 .. 10000; default 100)"},
+        {"follow", "", "then keep waiting for new entries and print them as they come"}},
+       0,
+       0,
+       AuditCommand},
+      {"health",
+       "[--http URL]",
+       "Check that the controlplane (or, with --http, any HTTP endpoint) is serving",
+       "Calls the controlplane's standard grpc.health.v1.Health/Check; needs no admin key.\n"
+       "Prints 'controlplane ADDR: SERVING'. With --http URL it GETs URL instead (e.g. a\n"
+       "dataplane's http://127.0.0.1:3000/readyz) and prints 'URL: HTTP 200', so container\n"
+       "health checks need no curl. Exit 0 when serving (HTTP 200), 1 when not, 3 when\n"
+       "unreachable.\n",
+       {{"http", "URL", "GET URL instead; healthy means HTTP 200 (redirects not followed)"}},
+       0,
+       0,
+       HealthCommand},
       {"help",
        "[COMMAND]",
        "Show the command list, or one command's usage",
@@ -1195,6 +1758,11 @@ const std::vector<Command>& Commands() {
 
 int RunCtl(const std::vector<std::string>& args, const EnvLookup& env, std::ostream& out,
            std::ostream& err) {
+  return RunCtl(args, env, out, err, nullptr);
+}
+
+int RunCtl(const std::vector<std::string>& args, const EnvLookup& env, std::ostream& out,
+           std::ostream& err, const std::function<bool()>& stop_requested) {
   Invocation inv;
   if (absl::optional<UsageError> error = ParseCommandLine(args, env, &inv)) {
     err << kProgram << ": " << error->message << "\n\n"
@@ -1210,7 +1778,7 @@ int RunCtl(const std::vector<std::string>& args, const EnvLookup& env, std::ostr
     out << CommandUsage(*inv.command);
     return kCtlOk;
   }
-  Session session(inv, env, out, err);
+  Session session(inv, env, out, err, stop_requested);
   return inv.command->handler(session);
 }
 

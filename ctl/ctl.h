@@ -11,18 +11,26 @@
 //   keys [--state STATE]       the keys with state, time left and why
 //   keys show KEY              one key in detail, the blocks on it, why it is (not) used
 //   keys disable|enable KEY    operator state changes; keys cooldown KEY --duration 5m
-//   reload, help, version
+//   reload                     re-read the key source
+//   balance [--refresh]        account balances per key, with a total
+//   audit [--since T] [--limit N] [--follow]
+//                              the audit log, one line per entry; --follow keeps tailing it
+//   health [--http URL]        grpc.health.v1 check of the controlplane (no admin key), or a
+//                              plain HTTP GET, for container health checks without curl
+//   help, version
 //
 // KEY is an index ("3"), a fingerprint or a unique prefix of it (6+ hex digits), or "id:N".
 #ifndef SFLB_CTL_CTL_H_
 #define SFLB_CTL_CTL_H_
 
+#include <functional>
 #include <ostream>
 #include <string>
 #include <vector>
 
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "absl/types/optional.h"
 #include "common/options.h"
 
 namespace sflb {
@@ -50,11 +58,23 @@ enum CtlExitCode : int {
 int RunCtl(const std::vector<std::string>& args, const EnvLookup& env, std::ostream& out,
            std::ostream& err);
 
+// The same, with the end of long-running commands (`audit --follow`) under the caller's control:
+// they stop, exiting 0, once `stop_requested` returns true. It is called from the calling
+// thread, between polls and about every 100 ms while a poll waits (so it may look at `out`).
+// The four-argument RunCtl stops them on SIGINT or SIGTERM instead.
+int RunCtl(const std::vector<std::string>& args, const EnvLookup& env, std::ostream& out,
+           std::ostream& err, const std::function<bool()>& stop_requested);
+
 // ---- Formatting helpers, public so they can be tested on their own. ----
 
 // How long ago `when` was, relative to `now`: "never" for absl::InfinitePast(), "just now"
 // under a second, else "3s ago", "4m ago", "2h ago", "5d ago"; a future time reads "in 42s".
 std::string FormatTimeAgo(absl::Time when, absl::Time now);
+
+// The time `audit --since` means: an RFC 3339 time ("2026-11-26T13:00:00Z",
+// "2026-11-26T14:00:00.5+01:00"), a date ("2026-11-26", midnight UTC), or a duration ago
+// relative to `now` ("1h", "30m", "1h30m", "90s"). Nullopt for anything else.
+absl::optional<absl::Time> ParseSinceTime(absl::string_view text, absl::Time now);
 
 // A compact duration: "42s", "3m07s", "1h02m", "2d03h". Negative durations print as "0s".
 std::string FormatShortDuration(absl::Duration d);

@@ -1,18 +1,26 @@
 // sflbctl against a real in-process controlplane: the real AdminServiceImpl, KeyRegistry,
-// KeySource and KeyServiceImpl on 127.0.0.1:<ephemeral>, with a keys file in a temp dir.
+// KeySource, KeyServiceImpl, AuditLog and KeyBalances (over a BalanceChecker with a fake fetch,
+// so no network) on 127.0.0.1:<ephemeral> with the standard gRPC health service, with a keys
+// file and the audit log in a temp dir.
 #include "ctl/ctl.h"
 
+#include <httplib.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/ascii.h"
@@ -27,12 +35,16 @@
 #include "common/time_format.h"
 #include "common/version.h"
 #include "controlplane/admin_service.h"
+#include "controlplane/audit_log.h"
+#include "controlplane/balance_checker.h"
+#include "controlplane/key_balances.h"
 #include "controlplane/key_registry.h"
 #include "controlplane/key_service.h"
 #include "controlplane/key_source.h"
 #include "gmock/gmock.h"
 #include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
@@ -246,6 +258,34 @@ std::string WhyText(const std::string& out) {
   return absl::StrJoin(words, " ");
 }
 
+// Real time shifted by a settable offset: audit entries "written" hours ago.
+class ShiftedClock : public Clock {
+ public:
+  absl::Time Now() const override {
+    return absl::Now() + absl::Nanoseconds(offset_ns_.load());
+  }
+  void Shift(absl::Duration offset) { offset_ns_.store(absl::ToInt64Nanoseconds(offset)); }
+
+ private:
+  std::atomic<int64_t> offset_ns_{0};
+};
+
+// The upstream's user/info answer with a balance.
+FetchResult BalanceAnswer(const std::string& account, const std::string& total) {
+  FetchResult r;
+  r.http_status = 200;
+  r.body = absl::StrCat(R"({"code":20000,"status":true,"data":{"id":")", account,
+                        R"(","balance":"0","chargeBalance":"0","totalBalance":")", total, R"("}})");
+  return r;
+}
+
+FetchResult HttpAnswer(int status, const std::string& body = "") {
+  FetchResult r;
+  r.http_status = status;
+  r.body = body;
+  return r;
+}
+
 class CtlTest : public ::testing::Test {
  protected:
   struct Result {
@@ -268,10 +308,30 @@ class CtlTest : public ::testing::Test {
     ASSERT_TRUE(source_->Reload().ok());
     key_service_ = std::make_unique<KeyServiceImpl>(registry_.get(), absl::Seconds(1));
     started_at_ = absl::Now() - absl::Minutes(62);
-    // No audit log (optional) and no balance checker (only GetBalances uses it).
+    AuditLogOptions audit_options;
+    audit_options.path = dir_ + "/audit.log";
+    audit_options.clock = &audit_clock_;
+    absl::StatusOr<std::unique_ptr<AuditLog>> audit = AuditLog::Open(audit_options);
+    ASSERT_TRUE(audit.ok()) << audit.status();
+    audit_ = std::move(*audit);
+    // The upstream's user/info, faked per key secret (a key without an answer: no connection).
+    BalanceCheckerOptions balance_options;
+    balance_options.fetch = [this](const std::string& secret) {
+      std::lock_guard<std::mutex> lock(fetch_mu_);
+      auto it = fetch_answers_.find(secret);
+      if (it != fetch_answers_.end()) return it->second;
+      FetchResult none;
+      none.error = "connection refused";
+      return none;
+    };
+    checker_ = std::make_unique<BalanceChecker>(balance_options);
+    balances_ = std::make_unique<KeyBalances>(registry_.get(), checker_.get(), audit_.get(),
+                                              /*depleted_threshold=*/0.0);
     admin_ = std::make_unique<AdminServiceImpl>(kAdminKey, registry_.get(), source_.get(),
-                                                key_service_.get(), /*audit=*/nullptr,
-                                                /*balances=*/nullptr, started_at_);
+                                                key_service_.get(), audit_.get(), balances_.get(),
+                                                started_at_);
+    // The standard grpc.health.v1.Health service, as the controlplane serves it.
+    grpc::EnableDefaultHealthCheckService(true);
     grpc::ServerBuilder builder;
     int port = 0;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -296,21 +356,38 @@ class CtlTest : public ::testing::Test {
     }
   }
 
-  Result Run(std::vector<std::string> args) {
+  Result Run(std::vector<std::string> args) { return RunUntil(std::move(args), nullptr); }
+
+  // Runs with a stop predicate (for `audit --follow`), which is given the output so far. It is
+  // called on the thread that writes the output, so reading it there is safe.
+  Result RunUntil(std::vector<std::string> args,
+                  const std::function<bool(const std::string& out)>& stop) {
     Result result;
     std::ostringstream out, err;
     std::map<std::string, std::string> env = env_;
-    result.code = RunCtl(
-        args,
-        [&env](const std::string& name) -> absl::optional<std::string> {
-          auto it = env.find(name);
-          if (it == env.end()) return absl::nullopt;
-          return it->second;
-        },
-        out, err);
+    EnvLookup lookup = [&env](const std::string& name) -> absl::optional<std::string> {
+      auto it = env.find(name);
+      if (it == env.end()) return absl::nullopt;
+      return it->second;
+    };
+    if (stop) {
+      result.code = RunCtl(args, lookup, out, err, [&] { return stop(out.str()); });
+    } else {
+      result.code = RunCtl(args, lookup, out, err);
+    }
     result.out = out.str();
     result.err = err.str();
     return result;
+  }
+
+  void SetFetchAnswer(const std::string& secret, FetchResult answer) {
+    std::lock_guard<std::mutex> lock(fetch_mu_);
+    fetch_answers_[secret] = std::move(answer);
+  }
+
+  void AppendAudit(const std::string& type, const std::string& actor, nlohmann::json details,
+                   uint64_t* seq = nullptr) {
+    ASSERT_TRUE(audit_->Append(AuditEntry{type, actor, std::move(details)}, seq).ok());
   }
 
   // Ids in file order.
@@ -407,6 +484,12 @@ class CtlTest : public ::testing::Test {
 
   std::string dir_;
   std::string keys_path_;
+  ShiftedClock audit_clock_;
+  std::unique_ptr<AuditLog> audit_;
+  std::mutex fetch_mu_;
+  std::map<std::string, FetchResult> fetch_answers_;
+  std::unique_ptr<BalanceChecker> checker_;
+  std::unique_ptr<KeyBalances> balances_;
   std::unique_ptr<KeyRegistry> registry_;
   std::unique_ptr<KeySource> source_;
   std::unique_ptr<KeyServiceImpl> key_service_;
@@ -1146,6 +1229,488 @@ TEST_F(CtlTest, UnansweredCallHitsTheDeadlineAndExitsThree) {
   }
 }
 
+// ---- balance ----
+
+TEST_F(CtlTest, BalanceTableWithOkUnavailableAndErrorKeysAndTotal) {
+  SetFetchAnswer(kKeyA, BalanceAnswer("acct-1001", "88.88"));
+  SetFetchAnswer(kKeyB, HttpAnswer(410, R"({"message":"gone"})"));
+  SetFetchAnswer(kKeyC, HttpAnswer(500, R"({"message":"internal error"})"));
+  Result r = Run({"balance"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.err, "");
+  std::vector<std::string> lines = Lines(r.out);
+  ParsedTable table = ParseTable(lines, {"INDEX", "BALANCE"});
+  EXPECT_EQ(table.headers,
+            (std::vector<std::string>{"INDEX", "KEY FINGERPRINT", "ACCOUNT ID", "STATUS",
+                                      "BALANCE", "CHECKED", "ERROR"}));
+  ASSERT_EQ(table.rows.size(), 3u) << r.out;
+  EXPECT_EQ(table.rows[0]["INDEX"], "0");
+  EXPECT_EQ(table.rows[0]["KEY FINGERPRINT"], KeyFingerprint(kKeyA));
+  EXPECT_EQ(table.rows[0]["ACCOUNT ID"], "acct-1001");
+  EXPECT_EQ(table.rows[0]["STATUS"], "ok");
+  EXPECT_EQ(table.rows[0]["BALANCE"], "88.8800");
+  EXPECT_EQ(table.rows[0]["CHECKED"], "just now");
+  EXPECT_EQ(table.rows[0]["ERROR"], "-");
+  EXPECT_EQ(table.rows[1]["KEY FINGERPRINT"], KeyFingerprint(kKeyB));
+  EXPECT_EQ(table.rows[1]["STATUS"], "unavailable");
+  EXPECT_EQ(table.rows[1]["ACCOUNT ID"], "-");
+  EXPECT_EQ(table.rows[1]["BALANCE"], "-");
+  EXPECT_THAT(table.rows[1]["ERROR"], HasSubstr("HTTP 410"));
+  EXPECT_EQ(table.rows[2]["STATUS"], "error");
+  EXPECT_EQ(table.rows[2]["BALANCE"], "-");
+  EXPECT_THAT(table.rows[2]["ERROR"], HasSubstr("HTTP 500"));
+  EXPECT_EQ(table.totals["INDEX"], "TOTAL");
+  EXPECT_EQ(table.totals["BALANCE"], "88.8800");
+  EXPECT_EQ(lines.back(), "1 of 3 balances known, 1 unavailable, 1 failed");
+  EXPECT_THAT(r.out, Not(HasSubstr("Balances are unavailable")));
+}
+
+TEST_F(CtlTest, BalanceTotalsSeveralKeysAndRefreshAsksTheUpstreamAgain) {
+  SetFetchAnswer(kKeyA, BalanceAnswer("acct-1", "10.5"));
+  SetFetchAnswer(kKeyB, BalanceAnswer("acct-2", "0.25"));
+  SetFetchAnswer(kKeyC, BalanceAnswer("acct-2", "1.2345"));
+  Result r = Run({"balance"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  ParsedTable table = ParseTable(Lines(r.out), {"INDEX", "BALANCE"});
+  EXPECT_EQ(table.totals["BALANCE"], "11.9845");
+  EXPECT_EQ(Lines(r.out).back(), "3 of 3 balances known");
+  EXPECT_EQ(checker_->fetch_count(), 3u);
+
+  // From the cache, then from the upstream again.
+  SetFetchAnswer(kKeyA, BalanceAnswer("acct-1", "20"));
+  r = Run({"balance"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(checker_->fetch_count(), 3u);
+  EXPECT_EQ(ParseTable(Lines(r.out), {"INDEX", "BALANCE"}).totals["BALANCE"], "11.9845");
+  r = Run({"balance", "--refresh"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(checker_->fetch_count(), 6u);
+  EXPECT_EQ(ParseTable(Lines(r.out), {"INDEX", "BALANCE"}).totals["BALANCE"], "21.4845");
+}
+
+TEST_F(CtlTest, BalanceAllUnavailableSaysSoAndExitsZero) {
+  for (const char* key : {kKeyA, kKeyB, kKeyC}) SetFetchAnswer(key, HttpAnswer(410));
+  Result r = Run({"balance"});
+  EXPECT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.err, "");
+  ParsedTable table = ParseTable(Lines(r.out), {"INDEX", "BALANCE"});
+  ASSERT_EQ(table.rows.size(), 3u);
+  for (auto& row : table.rows) EXPECT_EQ(row["STATUS"], "unavailable");
+  // No "0.0000": nothing is known.
+  EXPECT_EQ(table.totals["BALANCE"], "-");
+  EXPECT_THAT(r.out, HasSubstr("Balances are unavailable: the upstream no longer reports them "
+                               "for any of the 3 keys. This is not an error"));
+  EXPECT_THAT(Lines(r.out).back(), StartsWith("balances are unavailable: the upstream"));
+}
+
+TEST_F(CtlTest, BalanceJsonIsTheResponse) {
+  SetFetchAnswer(kKeyA, BalanceAnswer("acct-1001", "88.88"));
+  SetFetchAnswer(kKeyB, HttpAnswer(410));
+  Result r = Run({"balance", "--json"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1);
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["keys"].size(), 3u);
+  EXPECT_EQ(j["keys"][0]["status"], "BALANCE_STATUS_OK");
+  EXPECT_EQ(j["keys"][0]["balance"], "88.8800");
+  EXPECT_EQ(j["keys"][0]["account_id"], "acct-1001");
+  EXPECT_EQ(j["keys"][0]["fingerprint"], KeyFingerprint(kKeyA));
+  EXPECT_EQ(j["keys"][1]["status"], "BALANCE_STATUS_UNAVAILABLE");
+  EXPECT_EQ(j["keys"][2]["status"], "BALANCE_STATUS_ERROR");
+  EXPECT_EQ(j["total_balance"], "88.8800");
+  EXPECT_EQ(j["unavailable"], false);
+  EXPECT_EQ(j["message"], "1 of 3 balances known, 1 unavailable, 1 failed");
+}
+
+// ---- audit ----
+
+// The columns of an audit line: runs separated by two or more spaces, with their positions.
+struct AuditLine {
+  std::vector<std::string> fields;
+  std::vector<size_t> starts;
+  std::vector<size_t> ends;
+};
+
+AuditLine SplitAuditLine(const std::string& line) {
+  AuditLine parsed;
+  size_t i = 0;
+  while (i < line.size()) {
+    if (line[i] == ' ') {
+      ++i;
+      continue;
+    }
+    // The details column (JSON) is the rest of the line.
+    if (parsed.fields.size() == 4) {
+      parsed.starts.push_back(i);
+      parsed.ends.push_back(line.size());
+      parsed.fields.push_back(line.substr(i));
+      break;
+    }
+    size_t end = line.find("  ", i);
+    if (end == std::string::npos) end = line.size();
+    parsed.starts.push_back(i);
+    parsed.ends.push_back(end);
+    parsed.fields.push_back(line.substr(i, end - i));
+    i = end;
+  }
+  return parsed;
+}
+
+TEST_F(CtlTest, AuditListsEntriesOnePerLineAligned) {
+  AppendAudit("reload", "SIGHUP", {{"result", "ok"}, {"new", 3}});
+  AppendAudit("key_state", "admin@ipv4:10.0.0.5:51234",
+              {{"key", "0123456789ab"}, {"reason", "rotating keys"}});
+  Result r = Run({"audit"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.err, "");
+  std::vector<std::string> lines = Lines(r.out);
+  // The two entries, and this read itself (audited before it is answered).
+  ASSERT_EQ(lines.size(), 3u) << r.out;
+  std::vector<AuditLine> parsed;
+  for (const std::string& line : lines) {
+    parsed.push_back(SplitAuditLine(line));
+    ASSERT_EQ(parsed.back().fields.size(), 5u) << line;
+  }
+  EXPECT_EQ(parsed[0].fields[0], "1");
+  EXPECT_EQ(parsed[0].fields[2], "reload");
+  EXPECT_EQ(parsed[0].fields[3], "SIGHUP");
+  EXPECT_EQ(parsed[0].fields[4], R"({"new":3,"result":"ok"})");
+  EXPECT_EQ(parsed[1].fields[0], "2");
+  EXPECT_EQ(parsed[1].fields[2], "key_state");
+  EXPECT_EQ(parsed[1].fields[3], "admin@ipv4:10.0.0.5:51234");
+  EXPECT_EQ(parsed[1].fields[4], R"({"key":"0123456789ab","reason":"rotating keys"})");
+  EXPECT_EQ(parsed[2].fields[0], "3");
+  EXPECT_EQ(parsed[2].fields[2], "admin_call");
+  EXPECT_THAT(parsed[2].fields[3], StartsWith("admin@"));
+  EXPECT_EQ(nlohmann::json::parse(parsed[2].fields[4])["method"], "ReadAudit");
+  for (const AuditLine& p : parsed) {
+    absl::Time ts;
+    std::string error;
+    EXPECT_TRUE(absl::ParseTime(absl::RFC3339_full, p.fields[1], &ts, &error)) << p.fields[1];
+    EXPECT_LT(absl::AbsDuration(absl::Now() - ts), absl::Minutes(1));
+    // seq right-aligned; ts, type, actor and details each start in one column.
+    EXPECT_EQ(p.ends[0], parsed[0].ends[0]);
+    for (size_t c = 1; c < 5; ++c) EXPECT_EQ(p.starts[c], parsed[0].starts[c]) << c;
+  }
+}
+
+TEST_F(CtlTest, AuditLimitGivesTheNewestEntries) {
+  for (int i = 0; i < 5; ++i) AppendAudit("reload", "SIGHUP", {{"n", i}});
+  Result r = Run({"audit", "--limit", "2"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  std::vector<std::string> lines = Lines(r.out);
+  ASSERT_EQ(lines.size(), 2u) << r.out;
+  EXPECT_EQ(SplitAuditLine(lines[0]).fields[0], "5");
+  EXPECT_EQ(SplitAuditLine(lines[0]).fields[4], R"({"n":4})");
+  EXPECT_EQ(SplitAuditLine(lines[1]).fields[0], "6");
+  EXPECT_EQ(SplitAuditLine(lines[1]).fields[2], "admin_call");
+}
+
+TEST_F(CtlTest, AuditSinceTakesADurationAgoOrATime) {
+  audit_clock_.Shift(-absl::Hours(3));
+  AppendAudit("reload", "SIGHUP", {{"which", "old"}});
+  audit_clock_.Shift(-absl::Minutes(10));
+  uint64_t recent_seq = 0;
+  AppendAudit("reload", "SIGHUP", {{"which", "recent"}}, &recent_seq);
+  const absl::Time recent_ts = absl::Now() - absl::Minutes(10);
+  audit_clock_.Shift(absl::ZeroDuration());
+
+  Result r = Run({"audit", "--since", "1h"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_THAT(r.out, AllOf(HasSubstr(R"({"which":"recent"})"), Not(HasSubstr("old"))));
+
+  r = Run({"audit", "--since", "4h"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_THAT(r.out, AllOf(HasSubstr(R"({"which":"recent"})"), HasSubstr(R"({"which":"old"})")));
+
+  // RFC 3339, in UTC and with an offset.
+  r = Run({"audit", "--since", FormatIso8601(recent_ts - absl::Minutes(1))});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_THAT(r.out, AllOf(HasSubstr(R"({"which":"recent"})"), Not(HasSubstr("old"))));
+  std::vector<std::string> lines = Lines(r.out);
+  ASSERT_FALSE(lines.empty());
+  EXPECT_EQ(SplitAuditLine(lines[0]).fields[0], absl::StrCat(recent_seq));
+  r = Run({"audit", "--since",
+           absl::FormatTime("%Y-%m-%dT%H:%M:%S+02:00", recent_ts - absl::Minutes(1),
+                            absl::FixedTimeZone(2 * 3600))});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_THAT(r.out, AllOf(HasSubstr(R"({"which":"recent"})"), Not(HasSubstr("old"))));
+
+  r = Run({"audit", "--since", "2099-01-01T00:00:00Z"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.out, "No audit entries since 2099-01-01T00:00:00.000Z.\n");
+}
+
+TEST_F(CtlTest, AuditJsonPrintsJsonLines) {
+  AppendAudit("reload", "SIGHUP", {{"result", "ok"}});
+  AppendAudit("key_state", "sflbctl", {{"key", "0123456789ab"}});
+  Result r = Run({"audit", "--json"});
+  ASSERT_EQ(r.code, kCtlOk) << r.err;
+  std::vector<std::string> lines = Lines(r.out);
+  ASSERT_EQ(lines.size(), 3u) << r.out;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    nlohmann::json j = nlohmann::json::parse(lines[i]);
+    ASSERT_TRUE(j.is_object());
+    EXPECT_EQ(j["seq"], i + 1);
+    for (const char* field : {"ts", "type", "actor", "details"}) {
+      EXPECT_TRUE(j.contains(field)) << field << " in " << lines[i];
+    }
+  }
+  EXPECT_EQ(nlohmann::json::parse(lines[0])["details"]["result"], "ok");
+  EXPECT_EQ(nlohmann::json::parse(lines[1])["actor"], "sflbctl");
+
+  // Nothing matching: no lines at all (no text for people in a JSON stream).
+  r = Run({"audit", "--json", "--since", "2099-01-01"});
+  EXPECT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.out, "");
+}
+
+TEST_F(CtlTest, AuditFollowPrintsAnEntryAppendedWhileItWaits) {
+  AppendAudit("reload", "SIGHUP", {{"result", "ok"}});
+  // The predicate runs on RunCtl's thread: between polls and every 100 ms while one waits.
+  // Once the follow has been waiting a while, append; stop once the new entry was printed.
+  absl::Time first_call = absl::InfinitePast();
+  bool appended = false;
+  absl::Time appended_at;
+  size_t calls_before_append = 0;
+  const absl::Time give_up = absl::Now() + absl::Seconds(30);
+  Result r = RunUntil({"audit", "--follow"}, [&](const std::string& out) {
+    if (first_call == absl::InfinitePast()) first_call = absl::Now();
+    if (!appended) {
+      ++calls_before_append;
+      if (absl::Now() - first_call >= absl::Milliseconds(400)) {
+        uint64_t seq = 0;
+        EXPECT_TRUE(
+            audit_->Append(AuditEntry{"key_state", "dataplane:dp-1", {{"marker", "new"}}}, &seq)
+                .ok());
+        appended = true;
+        appended_at = absl::Now();
+      }
+      return false;
+    }
+    return absl::StrContains(out, R"({"marker":"new"})") || absl::Now() > give_up;
+  });
+  EXPECT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.err, "");
+  ASSERT_TRUE(appended);
+  // It was waiting on the server (several checks) when the entry came, and printed it at once
+  // (not after the 10 s wait).
+  EXPECT_GE(calls_before_append, 3u);
+  EXPECT_LT(absl::Now() - appended_at, absl::Seconds(3));
+  std::vector<std::string> lines = Lines(r.out);
+  ASSERT_EQ(lines.size(), 3u) << r.out;
+  EXPECT_EQ(SplitAuditLine(lines[0]).fields[2], "reload");
+  EXPECT_EQ(SplitAuditLine(lines[1]).fields[2], "admin_call");
+  AuditLine last = SplitAuditLine(lines[2]);
+  ASSERT_EQ(last.fields.size(), 5u) << lines[2];
+  EXPECT_EQ(last.fields[0], "3");
+  EXPECT_EQ(last.fields[2], "key_state");
+  EXPECT_EQ(last.fields[3], "dataplane:dp-1");
+  EXPECT_EQ(last.fields[4], R"({"marker":"new"})");
+  // Follow polls are not audited (they would feed the log they read).
+  EXPECT_EQ(audit_->last_seq(), 3u);
+}
+
+TEST_F(CtlTest, AuditFollowStopsPromptlyWhileAPollWaits) {
+  absl::Time start = absl::Now();
+  Result r = RunUntil({"audit", "--follow", "--json"}, [&](const std::string&) {
+    return absl::Now() - start > absl::Milliseconds(500);
+  });
+  EXPECT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.err, "");
+  // Far less than the 10 s a poll may wait on the server.
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+  ASSERT_EQ(Lines(r.out).size(), 1u) << r.out;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["type"], "admin_call");
+}
+
+// The production path: without a predicate, SIGINT ends the follow with exit 0, and the
+// previous disposition is back afterwards.
+TEST_F(CtlTest, AuditFollowEndsOnSigint) {
+  struct sigaction before = {};
+  ASSERT_EQ(sigaction(SIGINT, nullptr, &before), 0);
+  ASSERT_EQ(before.sa_handler, SIG_DFL);
+  std::atomic<bool> sent{false};
+  std::thread interrupter([&] {
+    // Once sflbctl catches SIGINT, send it one.
+    // (Never while SIGINT would still kill the test.)
+    const absl::Time give_up = absl::Now() + absl::Seconds(10);
+    bool caught = false;
+    while (!caught && absl::Now() < give_up) {
+      struct sigaction current = {};
+      sigaction(SIGINT, nullptr, &current);
+      caught = current.sa_handler != SIG_DFL;
+      if (!caught) absl::SleepFor(absl::Milliseconds(10));
+    }
+    if (!caught) return;
+    // Let it get into a waiting poll.
+    absl::SleepFor(absl::Milliseconds(300));
+    struct sigaction current = {};
+    sigaction(SIGINT, nullptr, &current);
+    if (current.sa_handler == SIG_DFL) return;
+    sent = true;
+    kill(getpid(), SIGINT);
+  });
+  absl::Time start = absl::Now();
+  Result r = Run({"audit", "--follow"});
+  interrupter.join();
+  EXPECT_TRUE(sent);
+  EXPECT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  EXPECT_THAT(r.out, HasSubstr("admin_call"));
+  struct sigaction after = {};
+  ASSERT_EQ(sigaction(SIGINT, nullptr, &after), 0);
+  EXPECT_EQ(after.sa_handler, SIG_DFL);
+}
+
+TEST_F(CtlTest, AuditOffExitsOneWithTheServersMessage) {
+  AdminServiceImpl no_audit(kAdminKey, registry_.get(), source_.get(), key_service_.get(),
+                            /*audit=*/nullptr, balances_.get(), started_at_);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&no_audit);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  for (const char* follow : {"--limit=5", "--follow"}) {
+    Result r = Run({"audit", follow, "--server", absl::StrCat("127.0.0.1:", port)});
+    EXPECT_EQ(r.code, kCtlFailed) << follow;
+    EXPECT_EQ(r.out, "");
+    EXPECT_EQ(r.err, "sflbctl: the audit log is off (SFLB_AUDIT_LOG=off)\n");
+  }
+  server->Shutdown(std::chrono::system_clock::now());
+}
+
+TEST_F(CtlTest, AuditUsageErrorsExitTwo) {
+  for (const char* limit : {"0", "-1", "ten", "10001"}) {
+    Result r = Run({"audit", "--limit", limit});
+    EXPECT_EQ(r.code, kCtlUsage) << limit;
+    EXPECT_THAT(r.err, StartsWith("sflbctl: --limit: expected a number from 1 to 10000"));
+  }
+  for (const char* since : {"yesterday", "", "2026-13-01", "1h ago", "-5m"}) {
+    Result r = Run({"audit", "--since", since});
+    EXPECT_EQ(r.code, kCtlUsage) << since;
+    EXPECT_THAT(r.err, StartsWith("sflbctl: --since: expected an RFC 3339 time")) << since;
+    EXPECT_THAT(r.err, HasSubstr("Usage: sflbctl audit")) << since;
+  }
+  Result r = Run({"audit", "--follow=yes"});
+  EXPECT_EQ(r.code, kCtlUsage);
+}
+
+// ---- health ----
+
+TEST_F(CtlTest, HealthServingWithoutAnAdminKey) {
+  env_.erase("LB_ADMIN_KEY");
+  Result r = Run({"health"});
+  EXPECT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.out, absl::StrCat("controlplane ", address_, ": SERVING\n"));
+  EXPECT_EQ(r.err, "");
+
+  r = Run({"health", "--json"});
+  EXPECT_EQ(r.code, kCtlOk) << r.err;
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["status"], "SERVING");
+  EXPECT_EQ(j["healthy"], true);
+  EXPECT_EQ(j["target"], absl::StrCat("controlplane ", address_));
+}
+
+TEST_F(CtlTest, HealthNotServingExitsOne) {
+  server_->GetHealthCheckService()->SetServingStatus(false);
+  Result r = Run({"health"});
+  EXPECT_EQ(r.code, kCtlFailed);
+  EXPECT_EQ(r.out, absl::StrCat("controlplane ", address_, ": NOT_SERVING\n"));
+}
+
+TEST_F(CtlTest, HealthOfAServerWithoutTheHealthServiceExitsOne) {
+  AdminServiceImpl admin(kAdminKey, registry_.get(), source_.get(), key_service_.get(),
+                         audit_.get(), balances_.get(), started_at_);
+  grpc::EnableDefaultHealthCheckService(false);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&admin);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  grpc::EnableDefaultHealthCheckService(true);
+  ASSERT_NE(server, nullptr);
+  std::string address = absl::StrCat("127.0.0.1:", port);
+  Result r = Run({"health", "--server", address});
+  EXPECT_EQ(r.code, kCtlFailed);
+  EXPECT_EQ(r.err, absl::StrCat("sflbctl: the controlplane at ", address,
+                                " does not serve grpc.health.v1.Health\n"));
+  server->Shutdown(std::chrono::system_clock::now());
+}
+
+TEST_F(CtlTest, HealthOfAnUnreachableControlplaneExitsThree) {
+  std::string refusing = RefusingAddress();
+  env_.erase("LB_ADMIN_KEY");
+  Result r = Run({"health", "--server", refusing});
+  EXPECT_EQ(r.code, kCtlUnreachable);
+  EXPECT_EQ(r.out, "");
+  EXPECT_THAT(r.err, StartsWith(absl::StrCat("sflbctl: cannot reach the controlplane at ",
+                                             refusing, " (")));
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+}
+
+// An in-process HTTP server: /readyz answers with the status set by the test.
+class ReadyzServer {
+ public:
+  ReadyzServer() {
+    server_.Get("/readyz", [this](const httplib::Request&, httplib::Response& res) {
+      res.status = status_.load();
+      res.set_content(res.status == 200 ? "ok\n" : "not ready: no key snapshot yet\nmore\n",
+                      "text/plain");
+    });
+    port_ = server_.bind_to_any_port("127.0.0.1");
+    thread_ = std::thread([this] { server_.listen_after_bind(); });
+    while (!server_.is_running()) absl::SleepFor(absl::Milliseconds(5));
+  }
+  ~ReadyzServer() {
+    server_.stop();
+    thread_.join();
+  }
+  std::string url() const { return absl::StrCat("http://127.0.0.1:", port_, "/readyz"); }
+  void set_status(int status) { status_ = status; }
+
+ private:
+  httplib::Server server_;
+  std::atomic<int> status_{200};
+  int port_ = 0;
+  std::thread thread_;
+};
+
+TEST_F(CtlTest, HealthHttpChecksAnyUrl) {
+  env_.clear();
+  ReadyzServer readyz;
+  Result r = Run({"health", "--http", readyz.url()});
+  EXPECT_EQ(r.code, kCtlOk) << r.err;
+  EXPECT_EQ(r.out, absl::StrCat(readyz.url(), ": HTTP 200\n"));
+  EXPECT_EQ(r.err, "");
+
+  readyz.set_status(503);
+  r = Run({"health", "--http", readyz.url()});
+  EXPECT_EQ(r.code, kCtlFailed);
+  EXPECT_EQ(r.out, absl::StrCat(readyz.url(), ": HTTP 503 (not ready: no key snapshot yet)\n"));
+
+  r = Run({"health", "--json", "--http=" + readyz.url()});
+  EXPECT_EQ(r.code, kCtlFailed);
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["http_status"], 503);
+  EXPECT_EQ(j["healthy"], false);
+  EXPECT_EQ(j["target"], readyz.url());
+
+  std::string refusing = absl::StrCat("http://", RefusingAddress(), "/readyz");
+  r = Run({"health", "--http", refusing});
+  EXPECT_EQ(r.code, kCtlUnreachable);
+  EXPECT_EQ(r.out, "");
+  EXPECT_THAT(r.err, StartsWith(absl::StrCat("sflbctl: cannot reach ", refusing, " (")));
+
+  for (const char* bad : {"127.0.0.1:3000/readyz", "ftp://x/", "http:///readyz"}) {
+    r = Run({"health", "--http", bad});
+    EXPECT_EQ(r.code, kCtlUsage) << bad;
+    EXPECT_THAT(r.err, StartsWith("sflbctl: --http: ")) << bad;
+  }
+}
+
 // ---- usage ----
 
 TEST_F(CtlTest, UsageErrorsExitTwo) {
@@ -1199,7 +1764,7 @@ TEST_F(CtlTest, HelpNeedsNeitherServerNorKey) {
   EXPECT_EQ(r.err, "");
   for (const char* text :
        {"stats", "keys", "keys show", "keys disable", "keys enable", "keys cooldown", "reload",
-        "help", "version", "--server ADDR", "--admin-key-file PATH", "--json", "--timeout DURATION",
+        "balance", "audit", "health", "help", "version", "--server ADDR", "--admin-key-file PATH", "--json", "--timeout DURATION",
         "Exit codes:"}) {
     EXPECT_THAT(r.out, HasSubstr(text));
   }
@@ -1233,6 +1798,24 @@ TEST_F(CtlTest, HelpNeedsNeitherServerNorKey) {
     EXPECT_THAT(r.out, HasSubstr(absl::StrCat("'sflbctl ", command, " by $USER'")));
   }
 
+  r = Run({"help", "balance"});
+  EXPECT_EQ(r.code, kCtlOk);
+  EXPECT_THAT(r.out, StartsWith("Usage: sflbctl balance [--refresh]\n"));
+  EXPECT_THAT(r.out, AllOf(HasSubstr("--refresh"), HasSubstr("not a failure")));
+  EXPECT_EQ(Run({"balance", "--help"}).out, r.out);
+
+  r = Run({"help", "audit"});
+  EXPECT_EQ(r.code, kCtlOk);
+  EXPECT_THAT(r.out, StartsWith("Usage: sflbctl audit [--since TIME] [--limit N] [--follow]\n"));
+  EXPECT_THAT(r.out, AllOf(HasSubstr("--since TIME"), HasSubstr("--limit N"),
+                           HasSubstr("--follow"), HasSubstr("JSON Lines")));
+  EXPECT_THAT(r.out, Not(HasSubstr("follow-for")));
+
+  r = Run({"help", "health"});
+  EXPECT_EQ(r.code, kCtlOk);
+  EXPECT_THAT(r.out, StartsWith("Usage: sflbctl health [--http URL]\n"));
+  EXPECT_THAT(r.out, AllOf(HasSubstr("--http URL"), HasSubstr("no admin key")));
+
   r = Run({"help", "nope"});
   EXPECT_EQ(r.code, kCtlUsage);
   EXPECT_THAT(r.err, StartsWith("sflbctl: no command 'nope'"));
@@ -1262,6 +1845,31 @@ TEST(CtlFormatTest, TimeAgo) {
   EXPECT_EQ(FormatTimeAgo(now - absl::Hours(5), now), "5h ago");
   EXPECT_EQ(FormatTimeAgo(now - absl::Hours(72), now), "3d ago");
   EXPECT_EQ(FormatTimeAgo(now + absl::Seconds(42), now), "in 42s");
+}
+
+TEST(CtlFormatTest, SinceTime) {
+  const absl::Time now = absl::FromUnixSeconds(1'800'000'000);
+  EXPECT_EQ(ParseSinceTime("1h", now), now - absl::Hours(1));
+  EXPECT_EQ(ParseSinceTime("30m", now), now - absl::Minutes(30));
+  EXPECT_EQ(ParseSinceTime(" 1h30m ", now), now - absl::Minutes(90));
+  EXPECT_EQ(ParseSinceTime("90", now), now - absl::Seconds(90));
+  EXPECT_EQ(ParseSinceTime("2d", now), now - absl::Hours(48));
+  EXPECT_EQ(ParseSinceTime("0s", now), now);
+  EXPECT_EQ(ParseSinceTime("2026-11-26T13:00:00Z", now),
+            absl::FromCivil(absl::CivilSecond(2026, 11, 26, 13, 0, 0), absl::UTCTimeZone()));
+  EXPECT_EQ(ParseSinceTime("2026-11-26T14:00:00.5+01:00", now),
+            absl::FromCivil(absl::CivilSecond(2026, 11, 26, 13, 0, 0), absl::UTCTimeZone()) +
+                absl::Milliseconds(500));
+  EXPECT_EQ(ParseSinceTime("2026-11-26 13:00:00z", now),
+            absl::FromCivil(absl::CivilSecond(2026, 11, 26, 13, 0, 0), absl::UTCTimeZone()));
+  EXPECT_EQ(ParseSinceTime("2026-11-26T13:00:00", now),
+            absl::FromCivil(absl::CivilSecond(2026, 11, 26, 13, 0, 0), absl::UTCTimeZone()));
+  EXPECT_EQ(ParseSinceTime("2026-11-26", now),
+            absl::FromCivil(absl::CivilDay(2026, 11, 26), absl::UTCTimeZone()));
+  for (const char* bad : {"", "soon", "-1h", "1h ago", "2026-11-31", "2026-11-26T25:00:00Z",
+                          "1x", "d"}) {
+    EXPECT_EQ(ParseSinceTime(bad, now), absl::nullopt) << bad;
+  }
 }
 
 TEST(CtlFormatTest, ShortDuration) {
