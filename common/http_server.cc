@@ -139,6 +139,12 @@ bool HttpServer::RaiseBacklog(int backlog) {
   return ::listen(svr_sock_, backlog) == 0;
 }
 
+void HttpServer::StopAccepting() {
+  // accept() on a shut-down listening socket fails at once; httplib then closes the socket
+  // itself and leaves its loop without marking the server as shutting down.
+  ::shutdown(svr_sock_, SHUT_RDWR);
+}
+
 void HttpServer::CloseConnections() {
   MutexLock lock(&conn_mu_);
   closing_ = true;

@@ -27,6 +27,11 @@ class HttpServer : public httplib::Server {
   // Re-issues listen() on the bound socket; Linux updates the backlog in place (capped by
   // net.core.somaxconn). Call after bind_to_port/bind_to_any_port. False on failure.
   bool RaiseBacklog(int backlog);
+  // Stops accepting new connections while those open keep being served: the listening
+  // socket is shut down, httplib's accept loop ends, and listen() returns once every
+  // connection has finished. Unlike stop(), which also makes httplib stop calling content
+  // providers (cutting every stream), this is the way to drain. Do not call stop() after it.
+  void StopAccepting();
   // Shuts down every open connection (blocked reads and writes return at once) and makes
   // connections accepted from now on close immediately. Thread-safe.
   void CloseConnections();

@@ -15,14 +15,16 @@ namespace sflb {
 
 AdminServiceImpl::AdminServiceImpl(std::string admin_key, KeyRegistry* registry,
                                    KeySource* source, const KeyServiceImpl* key_service,
-                                   AuditLog* audit, KeyBalances* balances, absl::Time started_at)
+                                   AuditLog* audit, KeyBalances* balances, absl::Time started_at,
+                                   std::string dataplane_token)
     : admin_key_(std::move(admin_key)),
       registry_(registry),
       source_(source),
       key_service_(key_service),
       audit_(audit),
       balances_(balances),
-      started_at_(started_at) {}
+      started_at_(started_at),
+      dataplane_token_(std::move(dataplane_token)) {}
 
 grpc::Status AdminServiceImpl::Audit(grpc::ServerContext* context, const char* method,
                                      nlohmann::json details, const std::string& type) const {
@@ -49,12 +51,17 @@ grpc::Status AdminServiceImpl::Authenticate(grpc::ServerContext* context,
     }
   }
   if (SecretEquals(presented, admin_key_)) return grpc::Status::OK;
-  const char* reason = it == metadata.end() ? "missing" : "wrong key";
+  bool dataplane = SecretEquals(presented, dataplane_token_);
+  const char* reason = it == metadata.end() ? "missing" : (dataplane ? "dataplane token" : "wrong key");
   LogWarning("admin_auth_failed", {{"method", method}, {"peer", context->peer()}, {"reason", reason}});
   if (audit_ != nullptr) {
     absl::Status written = audit_->Append(AuditEntry{
         "auth_failed", context->peer(), {{"method", method}, {"reason", reason}}});
     if (!written.ok()) LogError("audit_write_failed", {{"reason", std::string(written.message())}});
+  }
+  if (dataplane) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        "the dataplane token cannot call admin methods");
   }
   return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                       it == metadata.end()

@@ -22,7 +22,7 @@ class AdminServiceImpl final : public v1::AdminService::Service {
   // (audit disabled).
   AdminServiceImpl(std::string admin_key, KeyRegistry* registry, KeySource* source,
                    const KeyServiceImpl* key_service, AuditLog* audit, KeyBalances* balances,
-                   absl::Time started_at);
+                   absl::Time started_at, std::string dataplane_token = "");
 
   grpc::Status Reload(grpc::ServerContext* context, const v1::ReloadRequest* request,
                       v1::ReloadResponse* response) override;
@@ -54,6 +54,8 @@ class AdminServiceImpl final : public v1::AdminService::Service {
   AuditLog* const audit_;
   KeyBalances* const balances_;
   const absl::Time started_at_;
+  // Presented here, the dataplane token gets PERMISSION_DENIED (not UNAUTHENTICATED).
+  const std::string dataplane_token_;
 };
 
 }  // namespace sflb

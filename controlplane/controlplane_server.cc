@@ -71,6 +71,15 @@ void RegisterControlplaneOptions(OptionParser* parser, ControlplaneOptions* opti
                       "How often every balance is refreshed in the background (0 = off)");
   parser->AddString("depleted-threshold", "SFLB_DEPLETED_THRESHOLD", &options->depleted_threshold,
                     "A known balance at or below this marks a key depleted");
+  parser->AddString("tls-cert-file", "SFLB_TLS_CERT_FILE", &options->tls_cert_file,
+                    "gRPC TLS certificate (PEM); with --tls-key-file enables TLS");
+  parser->AddString("tls-key-file", "SFLB_TLS_KEY_FILE", &options->tls_key_file,
+                    "gRPC TLS private key (PEM)");
+  parser->AddString("tls-client-ca-file", "SFLB_TLS_CLIENT_CA_FILE", &options->tls_client_ca_file,
+                    "CA (PEM) for client certificates; when set, clients must present one (mTLS)");
+  parser->AddSecret("dataplane-token", "SFLB_DATAPLANE_TOKEN", &options->dataplane_token,
+                    "Token dataplanes must present on the key service (distinct from the admin "
+                    "key); empty leaves the key service open");
   parser->AddString("metrics-listen", "SFLB_METRICS_LISTEN", &options->metrics_listen,
                     "Prometheus /metrics listener host:port, or 'off'");
   parser->AddDuration("keys-file-poll", "SFLB_KEYS_FILE_POLL", &options->keys_file_poll,
@@ -99,6 +108,10 @@ absl::Status ValidateControlplaneOptions(const ControlplaneOptions& options) {
         "LB_ADMIN_KEY is required: set it (or --admin-key-file) to the key sflbctl will present");
   }
   if (options.listen.empty()) return absl::InvalidArgumentError("SFLB_LISTEN is empty");
+  if (!options.dataplane_token.empty() && options.dataplane_token == options.admin_key) {
+    return absl::InvalidArgumentError(
+        "SFLB_DATAPLANE_TOKEN and LB_ADMIN_KEY must differ: dataplanes must not hold admin rights");
+  }
   if (options.watch_heartbeat < absl::Milliseconds(100)) {
     return absl::InvalidArgumentError("SFLB_WATCH_HEARTBEAT must be at least 100ms");
   }
@@ -197,9 +210,10 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
             {{"address", options.metrics_listen}, {"port", metrics_server->port()}});
   }
 
-  KeyServiceImpl key_service(&registry, options.watch_heartbeat, audit.get());
+  KeyServiceImpl key_service(&registry, options.watch_heartbeat, audit.get(),
+                             options.dataplane_token, options.admin_key);
   AdminServiceImpl admin_service(options.admin_key, &registry, &source, &key_service, audit.get(),
-                                 &balances, started_at);
+                                 &balances, started_at, options.dataplane_token);
   audit_event("start", "controlplane",
               {{"keys", registry.size()}, {"source", source.current_source()}});
 
@@ -233,9 +247,16 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = MakeServerCredentials(
+      ServerTls{options.tls_cert_file, options.tls_key_file, options.tls_client_ca_file});
+  if (!credentials.ok()) return credentials.status();
+  if (options.dataplane_token.empty()) {
+    LogWarning("key_service_open", {{"hint", "set SFLB_DATAPLANE_TOKEN so only dataplanes can "
+                                             "read the keys"}});
+  }
   grpc::ServerBuilder builder;
   int selected_port = 0;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &selected_port);
+  builder.AddListeningPort(options.listen, *credentials, &selected_port);
   builder.RegisterService(&key_service);
   builder.RegisterService(&admin_service);
   builder.SetMaxReceiveMessageSize(16 * 1024 * 1024);
@@ -250,6 +271,9 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
   std::string host = options.listen.substr(0, options.listen.rfind(':'));
   LogInfo("listening", {{"address", absl::StrCat(host, ":", selected_port)},
                         {"port", selected_port},
+                        {"tls", options.tls_cert_file.empty()
+                                    ? "off"
+                                    : (options.tls_client_ca_file.empty() ? "tls" : "mtls")},
                         {"version", kVersion}});
 
   // Maintenance: time-driven state transitions every 100 ms, the state file when it changed.

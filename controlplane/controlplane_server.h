@@ -47,6 +47,15 @@ struct ControlplaneOptions {
   absl::Duration balance_timeout = absl::Seconds(10);
   absl::Duration balance_watch_interval = absl::Minutes(5);
   std::string depleted_threshold = "0";
+  // gRPC TLS: certificate and key (SFLB_TLS_CERT_FILE, SFLB_TLS_KEY_FILE); with
+  // SFLB_TLS_CLIENT_CA_FILE also client certificates are required (mutual TLS).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
+  // Token dataplanes present on the key service (SFLB_DATAPLANE_TOKEN). It can watch, lease
+  // and report, never call admin methods; the admin key cannot read keys. Empty: the key
+  // service is open (a warning is logged) — only for a trusted network.
+  std::string dataplane_token;
   // Prometheus metrics listener (SFLB_METRICS_LISTEN), "off" to disable.
   std::string metrics_listen = "0.0.0.0:9091";
   // How often the keys file is checked for changes (reloaded when it changed); 0 = never.

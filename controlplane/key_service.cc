@@ -3,7 +3,9 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "common/grpc_util.h"
 #include "common/log.h"
+#include "common/secret_compare.h"
 #include "common/time_format.h"
 
 namespace sflb {
@@ -25,11 +27,38 @@ grpc::Status CheckReplicaId(const std::string& replica_id) {
 }  // namespace
 
 KeyServiceImpl::KeyServiceImpl(KeyRegistry* registry, absl::Duration heartbeat,
-                               AuditLog* audit)
-    : registry_(registry), heartbeat_(heartbeat), audit_(audit) {}
+                               AuditLog* audit, std::string dataplane_token, std::string admin_key)
+    : registry_(registry),
+      heartbeat_(heartbeat),
+      audit_(audit),
+      dataplane_token_(std::move(dataplane_token)),
+      admin_key_(std::move(admin_key)) {}
+
+grpc::Status KeyServiceImpl::Authenticate(grpc::ServerContext* context, const char* method) const {
+  if (dataplane_token_.empty()) return grpc::Status::OK;
+  std::string presented = BearerToken(*context);
+  if (SecretEquals(presented, dataplane_token_)) return grpc::Status::OK;
+  bool admin = SecretEquals(presented, admin_key_);
+  const char* reason = presented.empty() ? "missing token" : (admin ? "admin key" : "wrong token");
+  LogWarning("dataplane_auth_failed", {{"method", method}, {"peer", context->peer()}, {"reason", reason}});
+  if (audit_ != nullptr) {
+    absl::Status w = audit_->Append(AuditEntry{
+        "auth_failed", context->peer(), {{"service", "KeyService"}, {"method", method}, {"reason", reason}}});
+    if (!w.ok()) LogError("audit_write_failed", {{"reason", std::string(w.message())}});
+  }
+  if (admin) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        "the admin key cannot use the key service; dataplanes use "
+                        "SFLB_DATAPLANE_TOKEN");
+  }
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                      presented.empty() ? "dataplane token required" : "dataplane token rejected");
+}
 
 grpc::Status KeyServiceImpl::Watch(grpc::ServerContext* context, const v1::WatchRequest* request,
                                    grpc::ServerWriter<v1::WatchResponse>* writer) {
+  grpc::Status auth = Authenticate(context, "Watch");
+  if (!auth.ok()) return auth;
   grpc::Status valid = CheckReplicaId(request->replica_id());
   if (!valid.ok()) return valid;
   watchers_.fetch_add(1);
@@ -74,6 +103,8 @@ grpc::Status KeyServiceImpl::Watch(grpc::ServerContext* context, const v1::Watch
 
 grpc::Status KeyServiceImpl::Lease(grpc::ServerContext* context, const v1::LeaseRequest* request,
                                    v1::LeaseResponse* response) {
+  grpc::Status auth = Authenticate(context, "Lease");
+  if (!auth.ok()) return auth;
   grpc::Status valid = CheckReplicaId(request->replica_id());
   if (!valid.ok()) return valid;
   if (request->count() == 0) {
@@ -87,6 +118,8 @@ grpc::Status KeyServiceImpl::Lease(grpc::ServerContext* context, const v1::Lease
 grpc::Status KeyServiceImpl::Report(grpc::ServerContext* context,
                                     const v1::ReportRequest* request,
                                     v1::ReportResponse* response) {
+  grpc::Status auth = Authenticate(context, "Report");
+  if (!auth.ok()) return auth;
   grpc::Status valid = CheckReplicaId(request->replica_id());
   if (!valid.ok()) return valid;
   for (const v1::KeyOutcome& outcome : request->outcomes()) {

@@ -21,8 +21,11 @@ class KeyServiceImpl final : public v1::KeyService::Service {
  public:
   // `registry` must outlive the service. `heartbeat` is the longest a Watch stream stays
   // silent.
-  // `audit` may be null (audit off).
-  KeyServiceImpl(KeyRegistry* registry, absl::Duration heartbeat, AuditLog* audit = nullptr);
+  // `audit` may be null (audit off). With a non-empty `dataplane_token` every call must carry
+  // it (`authorization: Bearer <token>`): missing or wrong -> UNAUTHENTICATED, the admin key
+  // -> PERMISSION_DENIED (it may not read keys); both audited.
+  KeyServiceImpl(KeyRegistry* registry, absl::Duration heartbeat, AuditLog* audit = nullptr,
+                 std::string dataplane_token = "", std::string admin_key = "");
 
   grpc::Status Watch(grpc::ServerContext* context, const v1::WatchRequest* request,
                      grpc::ServerWriter<v1::WatchResponse>* writer) override;
@@ -41,9 +44,13 @@ class KeyServiceImpl final : public v1::KeyService::Service {
   uint64_t report_calls() const { return report_calls_.load(); }
 
  private:
+  grpc::Status Authenticate(grpc::ServerContext* context, const char* method) const;
+
   KeyRegistry* const registry_;
   const absl::Duration heartbeat_;
   AuditLog* const audit_;
+  const std::string dataplane_token_;
+  const std::string admin_key_;
   std::atomic<bool> shutting_down_{false};
   std::atomic<uint32_t> watchers_{0};
   std::atomic<uint64_t> lease_calls_{0};

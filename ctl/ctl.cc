@@ -575,13 +575,23 @@ class Session {
   int Connect() {
     if (admin_ != nullptr) return kCtlOk;
     if (int rc = LoadAdminKey(); rc != kCtlOk) return rc;
-    OpenChannel();
+    if (int rc = OpenChannel(); rc != kCtlOk) return rc;
     admin_ = v1::AdminService::NewStub(channel_);
     return kCtlOk;
   }
-  // Opens the channel without an admin key, for services that need none (health).
-  void OpenChannel() {
-    if (channel_ == nullptr) channel_ = MakeControlplaneChannel(inv_.server);
+  // Opens the channel without an admin key, for services that need none (health). TLS comes
+  // from SFLB_CONTROLPLANE_CA_FILE (and _CERT_FILE/_KEY_FILE for mutual TLS,
+  // _SERVER_NAME to override the expected name). Returns kCtlOk or kCtlUsage (bad files).
+  int OpenChannel() {
+    if (channel_ != nullptr) return kCtlOk;
+    auto get = [this](const char* name) { return env_(name).value_or(""); };
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeControlplaneChannel(
+        inv_.server,
+        ControlplaneTls{get("SFLB_CONTROLPLANE_CA_FILE"), get("SFLB_CONTROLPLANE_CERT_FILE"),
+                        get("SFLB_CONTROLPLANE_KEY_FILE"), get("SFLB_CONTROLPLANE_SERVER_NAME")});
+    if (!channel.ok()) return Fail(kCtlUsage, channel.status().message());
+    channel_ = std::move(*channel);
+    return kCtlOk;
   }
   // After Connect() or OpenChannel(): the channel, for commands that use another service.
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
@@ -1539,7 +1549,7 @@ int HttpHealth(Session& s, const std::string& url) {
 // response is decoded by ParseHealthCheckResponse().
 int HealthCommand(Session& s) {
   if (absl::optional<std::string> url = s.flag("http")) return HttpHealth(s, *url);
-  s.OpenChannel();
+  if (int rc = s.OpenChannel(); rc != kCtlOk) return rc;
   grpc::GenericStub stub(s.channel());
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + s.timeout()));

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/random/random.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/grpc_util.h"
 #include "common/log.h"
@@ -20,16 +21,23 @@ absl::Duration Jittered(absl::Duration d) {
 
 }  // namespace
 
-ControlplaneLink::ControlplaneLink(Options options, KeyPool* pool, ReportBuffer* reports)
+ControlplaneLink::ControlplaneLink(Options options, std::shared_ptr<grpc::Channel> channel,
+                                   KeyPool* pool, ReportBuffer* reports)
     : options_(std::move(options)),
       pool_(pool),
       reports_(reports),
-      channel_(MakeControlplaneChannel(options_.address)),
+      channel_(std::move(channel)),
       stub_(v1::KeyService::NewStub(channel_)) {
   pool_->SetReplicaId(options_.replica_id);
 }
 
 ControlplaneLink::~ControlplaneLink() { Stop(); }
+
+void ControlplaneLink::Authorize(grpc::ClientContext* context) const {
+  if (!options_.token.empty()) {
+    context->AddMetadata(kAuthorizationMetadata, absl::StrCat("Bearer ", options_.token));
+  }
+}
 
 void ControlplaneLink::Start() {
   watch_thread_ = std::thread([this] { WatchLoop(); });
@@ -69,6 +77,7 @@ void ControlplaneLink::WatchLoop() {
       if (stopping_.load()) break;
       watch_context_ = &context;
     }
+    Authorize(&context);
     v1::WatchRequest request;
     request.set_replica_id(options_.replica_id);
     last_watch_message_ms_.store(absl::ToUnixMillis(absl::Now()));
@@ -136,6 +145,7 @@ void ControlplaneLink::LeaseLoop() {
     if (batch == 0 || stopping_.load()) continue;
     grpc::ClientContext context;
     context.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+    Authorize(&context);
     v1::LeaseRequest request;
     request.set_replica_id(options_.replica_id);
     request.set_count(batch);
@@ -160,6 +170,7 @@ bool ControlplaneLink::SendReport() {
   request.set_replica_id(options_.replica_id);
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+  Authorize(&context);
   v1::ReportResponse response;
   grpc::Status status = stub_->Report(&context, request, &response);
   if (status.ok()) {

@@ -30,6 +30,8 @@ class ControlplaneLink {
   struct Options {
     std::string address = "127.0.0.1:50051";
     std::string replica_id;
+    // Sent as `authorization: Bearer <token>` on every call (empty: none).
+    std::string token;
     // Deadline of each Lease/Report call.
     absl::Duration rpc_timeout = absl::Seconds(2);
     // Regular report cadence (failures go at once).
@@ -38,8 +40,10 @@ class ControlplaneLink {
     absl::Duration watch_silence_limit = absl::Seconds(15);
   };
 
-  // `pool` and `reports` must outlive the link.
-  ControlplaneLink(Options options, KeyPool* pool, ReportBuffer* reports);
+  // `pool` and `reports` must outlive the link. `channel` reaches the controlplane (plaintext
+  // or TLS, see MakeControlplaneChannel).
+  ControlplaneLink(Options options, std::shared_ptr<grpc::Channel> channel, KeyPool* pool,
+                   ReportBuffer* reports);
   ~ControlplaneLink();  // Stop()s
 
   // Starts the three threads. Call once.
@@ -58,6 +62,8 @@ class ControlplaneLink {
   void LeaseLoop();
   void ReportLoop();
   bool SendReport();
+  // Adds the token to a call.
+  void Authorize(grpc::ClientContext* context) const;
   // Sleeps up to `d`, returning early (false) when stopping.
   bool SleepUnlessStopping(absl::Duration d);
 

@@ -340,6 +340,17 @@ void RegisterDataplaneOptions(OptionParser* parser, DataplaneOptions* o) {
   parser->AddString("base-url", "SILICONFLOW_BASE_URL", &o->base_url, "SiliconFlow API base URL");
   parser->AddString("controlplane", "SFLB_CONTROLPLANE", &o->controlplane,
                     "Controlplane gRPC address host:port");
+  parser->AddString("controlplane-ca-file", "SFLB_CONTROLPLANE_CA_FILE", &o->controlplane_ca_file,
+                    "CA (PEM) of the controlplane's certificate; enables TLS to the controlplane");
+  parser->AddString("controlplane-cert-file", "SFLB_CONTROLPLANE_CERT_FILE",
+                    &o->controlplane_cert_file, "Client certificate (PEM) for mutual TLS");
+  parser->AddString("controlplane-key-file", "SFLB_CONTROLPLANE_KEY_FILE",
+                    &o->controlplane_key_file, "Client private key (PEM) for mutual TLS");
+  parser->AddString("controlplane-server-name", "SFLB_CONTROLPLANE_SERVER_NAME",
+                    &o->controlplane_server_name,
+                    "Name expected in the controlplane's certificate, if not the address host");
+  parser->AddSecret("dataplane-token", "SFLB_DATAPLANE_TOKEN", &o->dataplane_token,
+                    "Token presented to the controlplane's key service");
   parser->AddString("replica-id", "SFLB_REPLICA_ID", &o->replica_id,
                     "Name of this replica in controlplane stats (default hostname-pid)");
   parser->AddDuration("connect-timeout", "SFLB_CONNECT_TIMEOUT", &o->connect_timeout,
@@ -419,10 +430,16 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
   dp->upstream = std::make_unique<UpstreamClient>(*endpoint, upstream_options);
   if (absl::Status init = dp->upstream->init_status(); !init.ok()) return init;
 
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeControlplaneChannel(
+      options.controlplane,
+      ControlplaneTls{options.controlplane_ca_file, options.controlplane_cert_file,
+                      options.controlplane_key_file, options.controlplane_server_name});
+  if (!channel.ok()) return channel.status();
   ControlplaneLink::Options link_options;
   link_options.address = options.controlplane;
   link_options.replica_id = dp->options.replica_id;
-  dp->link = std::make_unique<ControlplaneLink>(link_options, &dp->pool, &dp->reports);
+  link_options.token = options.dataplane_token;
+  dp->link = std::make_unique<ControlplaneLink>(link_options, *channel, &dp->pool, &dp->reports);
   ProxyOptions proxy_options;
   proxy_options.max_attempts = static_cast<int>(options.max_attempts);
   proxy_options.stream_first_byte_timeout = options.stream_first_byte_timeout;
@@ -438,8 +455,7 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
                                   {"port", dp->metrics_server->port()}});
   }
   dp->auth = std::make_unique<ClientAuth>(options.api_key, options.admin_key);
-  dp->admin = std::make_unique<AdminClient>(MakeControlplaneChannel(options.controlplane),
-                                            options.admin_key, absl::Seconds(5),
+  dp->admin = std::make_unique<AdminClient>(*channel, options.admin_key, absl::Seconds(5),
                                             absl::Seconds(1));
 
   HttpServer server;
@@ -512,7 +528,7 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
   while (absl::Now() < grace_end) {
     if (WaitForSignal(std::min(absl::Seconds(1), grace_end - absl::Now())) == SIGINT) break;
   }
-  server.stop();
+  server.StopAccepting();  // not stop(): that would cut every stream at once
   server.CloseIdleConnections();
   absl::Time deadline = absl::Now() + options.drain_timeout;
   LogInfo("listener_closed", {{"open_connections", server.open_connections()},

@@ -23,6 +23,14 @@ struct DataplaneOptions {
   std::string base_url = "https://api.siliconflow.cn/v1";
   // Controlplane gRPC address (SFLB_CONTROLPLANE).
   std::string controlplane = "127.0.0.1:50051";
+  // TLS towards the controlplane: CA of its certificate (enables TLS), optional client
+  // certificate and key (mutual TLS), optional expected server name.
+  std::string controlplane_ca_file;
+  std::string controlplane_cert_file;
+  std::string controlplane_key_file;
+  std::string controlplane_server_name;
+  // Token for the controlplane's key service (SFLB_DATAPLANE_TOKEN).
+  std::string dataplane_token;
   // Name of this replica in controlplane stats; default "<hostname>-<pid>".
   std::string replica_id;
   // Upstream timeouts.

@@ -157,17 +157,22 @@ bool IsLabelName(absl::string_view s) {
   return std::regex_match(std::string(s), kName);
 }
 
+// Values are what Go's strconv.ParseFloat accepts (Prometheus parses them with it): decimal
+// floats, and NaN / Inf / Infinity with an optional sign, in any case.
 bool ParsePromValue(absl::string_view s, double* out) {
-  if (s == "+Inf") {
-    *out = INFINITY;
-    return true;
-  }
-  if (s == "-Inf") {
-    *out = -INFINITY;
-    return true;
-  }
-  if (s == "NaN") {
+  std::string lower = absl::AsciiStrToLower(s);
+  if (lower == "nan") {
     *out = NAN;
+    return true;
+  }
+  absl::string_view unsigned_part = lower;
+  bool negative = false;
+  if (!unsigned_part.empty() && (unsigned_part[0] == '+' || unsigned_part[0] == '-')) {
+    negative = unsigned_part[0] == '-';
+    unsigned_part.remove_prefix(1);
+  }
+  if (unsigned_part == "inf" || unsigned_part == "infinity") {
+    *out = negative ? -INFINITY : INFINITY;
     return true;
   }
   static const std::regex kFloat(R"(^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$)");
@@ -394,7 +399,11 @@ TEST(PrometheusParserTest, AcceptsValidAndRejectsInvalidText) {
       "h_sum 0.7\n"
       "h_count 2\n"
       "# TYPE g gauge\n"
-      "g NaN\n";
+      "g NaN\n"
+      "# TYPE s summary\n"
+      "s{quantile=\"0.5\"} Nan\n"
+      "s_sum 0\n"
+      "s_count 0\n";
   absl::StatusOr<PromText> ok = ParsePrometheus(valid);
   ASSERT_TRUE(ok.ok()) << ok.status();
   EXPECT_EQ(ok->Value("a_total", {{"code", "200"}}), 3);
@@ -406,6 +415,7 @@ TEST(PrometheusParserTest, AcceptsValidAndRejectsInvalidText) {
            std::string("# TYPE a counter\na{x=\"\\q\"} 1\n"),               // bad escape
            std::string("# TYPE a counter\na{1x=\"1\"} 1\n"),                // bad label name
            std::string("# TYPE a counter\na one\n"),                         // bad value
+           std::string("# TYPE a counter\na 0x1p-2\n"),                      // hex float
            std::string("# TYPE a counter\na 1\na 2\n"),                      // duplicate series
            std::string("# TYPE a wibble\na 1\n"),                            // unknown type
            std::string("# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_sum 1\nh_count 1\n"),  // no +Inf
@@ -705,31 +715,59 @@ TEST_F(OperatorTest, BalanceShape) {
   }
 }
 
-TEST_F(OperatorTest, ReloadKeysShape) {
-  StartCluster(3);
+// httplib dispatches every POST to the content-reader handlers first, and the catch-all proxy
+// route (POST "/.*" with a ContentReader) is one of them: POST /reload-keys never reaches its
+// own handler. It is proxied to the upstream as POST /v1/reload-keys with a pool key, whatever
+// key the client sent (a user key gets the upstream's answer instead of 403), and no reload
+// happens.
+TEST_F(OperatorTest, BUG_PostReloadKeysIsProxiedUpstreamInsteadOfReloading) {
+  std::string audit_path = MakeTempDir("audit") + "/audit.jsonl";
+  extra_scanned_files_.push_back(audit_path);
+  ClusterOptions options;
+  options.controlplane_env = {{"SFLB_AUDIT_LOG", audit_path}, {"SFLB_KEYS_FILE_POLL", "0"}};
+  StartCluster(3, options);
   std::vector<std::string> added = MakeKeys(1);
   WriteFileAtomically(cluster_.keys_file(), absl::StrJoin(keys_, "\n") + "\n" + added[0] + "\n");
   keys_.push_back(added[0]);
-  auto res = Post("/reload-keys", Auth::kAdmin);
+
+  // The user key may not reload.
+  auto res = Post("/reload-keys", Auth::kUser);
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 403) << res->body;
+  json body = json::parse(res->body, nullptr, false);
+  EXPECT_TRUE(body.is_object() && body["error"] == "Forbidden" && body["message"].is_string())
+      << res->body;
+
+  // The admin key reloads, in the old tool's shape.
+  res = Post("/reload-keys", Auth::kAdmin);
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 200) << res->body;
-  json body = json::parse(res->body, nullptr, false);
+  body = json::parse(res->body, nullptr, false);
   ASSERT_TRUE(body.is_object()) << res->body;
   EXPECT_TRUE(IsIso8601(body["timestamp"])) << res->body;
-  EXPECT_EQ(body["success"], true);
-  // The file watch may have picked the change up first: then "Previous" is already 4.
-  ASSERT_TRUE(body["message"].is_string());
-  std::string message = body["message"];
-  EXPECT_TRUE(message == "Successfully reloaded API keys. Previous: 3, New: 4" ||
-              message == "Successfully reloaded API keys. Previous: 4, New: 4")
-      << message;
-  ASSERT_TRUE(body["keyCount"].is_number_integer());
-  EXPECT_EQ(body["keyCount"], 4);
+  EXPECT_EQ(body["success"], true) << res->body;
+  EXPECT_EQ(body["message"], "Successfully reloaded API keys. Previous: 3, New: 4") << res->body;
+  EXPECT_TRUE(body["keyCount"].is_number_integer()) << res->body;
+  EXPECT_EQ(body["keyCount"], 4) << res->body;
   EXPECT_THAT(res->body, Not(HasSubstr(added[0])));
-  EXPECT_TRUE(cluster_.WaitForKeyCount(0, 4).ok());
+
+  int proxied = 0;
+  for (const auto& r : cluster_.FakeRequests()) proxied += r.value("path", "") == "/v1/reload-keys";
+  EXPECT_EQ(proxied, 0) << "POST /reload-keys was proxied to the upstream " << proxied << " times";
+  EXPECT_TRUE(cluster_.WaitForKeyCount(0, 4, absl::Seconds(3)).ok()) << "no reload happened";
+  // The reload is audited with the replica that asked for it.
+  std::string audit = ReadFile(audit_path);
+  bool audited = false;
+  for (absl::string_view line : absl::StrSplit(audit, '\n', absl::SkipEmpty())) {
+    json e = json::parse(line, nullptr, false);
+    audited = audited || (e.is_object() && e["type"] == "reload" &&
+                          absl::StrContains(e["details"].value("reason", ""), "dp-0"));
+  }
+  EXPECT_TRUE(audited) << audit;
 }
 
-TEST_F(OperatorTest, FailedReloadKeysAnswersSuccessFalseAndKeepsTheKeys) {
+// Same cause as above: a failed reload must answer success:false with the reason, keep the keys.
+TEST_F(OperatorTest, BUG_FailedPostReloadKeysAnswersSuccessFalseAndKeepsTheKeys) {
   ClusterOptions options;
   options.controlplane_env = {{"SFLB_KEYS_FILE_POLL", "0"}};
   StartCluster(2, options);
@@ -738,10 +776,10 @@ TEST_F(OperatorTest, FailedReloadKeysAnswersSuccessFalseAndKeepsTheKeys) {
   ASSERT_TRUE(res);
   json body = json::parse(res->body, nullptr, false);
   ASSERT_TRUE(body.is_object()) << res->body;
-  EXPECT_EQ(body["success"], false);
-  EXPECT_TRUE(IsIso8601(body["timestamp"]));
-  EXPECT_THAT(body.value("message", ""), HasSubstr("keys.txt:1"));
-  EXPECT_EQ(body["keyCount"], 2);
+  EXPECT_EQ(body["success"], false) << res->body;
+  EXPECT_TRUE(IsIso8601(body["timestamp"])) << res->body;
+  EXPECT_THAT(body.value("message", ""), HasSubstr("keys.txt:1")) << res->body;
+  EXPECT_EQ(body["keyCount"], 2) << res->body;
   EXPECT_TRUE(cluster_.WaitForKeyCount(0, 2).ok());
 }
 
@@ -798,21 +836,17 @@ TEST_F(OperatorTest, AuthLevelsPerEndpoint) {
   }
   EXPECT_EQ(cluster_.FakeRequests().size(), 0u) << "an unauthenticated request reached upstream";
 
+  // POST /reload-keys with the user key (403) and the admin key (200): see
+  // BUG_PostReloadKeysIsProxiedUpstreamInsteadOfReloading.
   for (const Endpoint& e : guarded) {
+    if (e.path == "/reload-keys") continue;
     SCOPED_TRACE(absl::StrCat(e.method, " ", e.path, " with the user key"));
     auto res = call(e, Auth::kUser);
     ASSERT_TRUE(res);
-    if (e.path == "/reload-keys") {
-      EXPECT_EQ(res->status, 403);
-      json body = json::parse(res->body, nullptr, false);
-      ASSERT_TRUE(body.is_object()) << res->body;
-      EXPECT_EQ(body["error"], "Forbidden");
-      EXPECT_TRUE(body["message"].is_string());
-    } else {
-      EXPECT_EQ(res->status, 200) << res->body;
-    }
+    EXPECT_EQ(res->status, 200) << res->body;
   }
   for (const Endpoint& e : guarded) {
+    if (e.path == "/reload-keys") continue;
     SCOPED_TRACE(absl::StrCat(e.method, " ", e.path, " with the admin key"));
     auto res = call(e, Auth::kAdmin);
     ASSERT_TRUE(res);
@@ -895,19 +929,26 @@ TEST_F(OperatorTest, HealthIsDegradedWithoutTheControlplane) {
   });
   EXPECT_TRUE(degraded) << health.dump();
   EXPECT_TRUE(IsIso8601(health["timestamp"]));
-  EXPECT_TRUE(health["stats"].is_object());
+  EXPECT_EQ(health["replica"]["controlplaneConnected"], false) << health.dump();
+  // The stats come from the replica's own snapshot now, in the same shape.
+  ASSERT_TRUE(health["stats"].is_object());
   EXPECT_EQ(health["stats"]["totalKeys"], 2);
+  EXPECT_EQ(health["stats"]["activeKeys"], 2);
+  ASSERT_EQ(health["stats"]["keyStats"].size(), 2u) << health.dump();
+  for (size_t i = 0; i < 2; ++i) {
+    const json& row = health["stats"]["keyStats"][i];
+    EXPECT_EQ(row["index"], i + 1);
+    EXPECT_EQ(row["fingerprint"], KeyFingerprint(keys_[i]));
+    EXPECT_EQ(row["isActive"], true);
+    EXPECT_TRUE(row["requestCount"].is_number_integer());
+    EXPECT_TRUE(IsIsoOrNever(row["lastUsed"]));
+  }
   // Still serving.
   auto res = Chat();
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 200);
-  // And healthy again once the controlplane is back.
-  ASSERT_TRUE(cluster_.StartControlplane().ok());
-  bool healthy = WaitUntil([&] {
-    health = GetJson("/health");
-    return health["status"] == "healthy";
-  }, absl::Seconds(15));
-  EXPECT_TRUE(healthy) << health.dump();
+  // (Reconnection after a controlplane restart is covered by the core tests; it takes several
+  // seconds of gRPC reconnect backoff.)
 }
 
 TEST_F(OperatorTest, HealthIsDegradedWithFewUsableKeysAndUnhealthyWithNone) {
@@ -929,12 +970,17 @@ TEST_F(OperatorTest, HealthIsDegradedWithFewUsableKeysAndUnhealthyWithNone) {
   // Every key invalid.
   cluster_.AddFault({{"key", keys_[3]}, {"action", "status"}, {"status", 401}, {"times", -1}});
   ASSERT_TRUE(DriveUntilState(3, "KEY_STATE_INVALID"));
+  // The stats inside come from the controlplane through a short cache: wait for both.
   bool unhealthy = WaitUntil([&] {
     health = GetJson("/health");
-    return health["status"] == "unhealthy";
+    return health["status"] == "unhealthy" && health["stats"]["activeKeys"] == 0;
   });
   EXPECT_TRUE(unhealthy) << health.dump();
-  EXPECT_EQ(health["stats"]["activeKeys"], 0) << health.dump();
+  EXPECT_EQ(health["replica"]["usableKeys"], 0);
+  for (const auto& row : health["stats"]["keyStats"]) {
+    EXPECT_EQ(row["state"], "invalid") << row.dump();
+    EXPECT_EQ(row["isActive"], false) << row.dump();
+  }
   auto res = Chat();
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 503);
@@ -1240,22 +1286,6 @@ TEST_F(OperatorTest, AuditRecordsEveryAdminActionDurablyAcrossAKill9) {
   }
 }
 
-TEST_F(OperatorTest, AuditRecordsReloadsThroughTheDataplane) {
-  std::string audit_dir = MakeTempDir("audit");
-  std::string audit_path = audit_dir + "/audit.jsonl";
-  extra_scanned_files_.push_back(audit_path);
-  ClusterOptions options;
-  options.controlplane_env = {{"SFLB_AUDIT_LOG", audit_path}, {"SFLB_KEYS_FILE_POLL", "0"}};
-  StartCluster(2, options);
-  auto res = Post("/reload-keys", Auth::kAdmin);
-  ASSERT_TRUE(res);
-  ASSERT_EQ(res->status, 200) << res->body;
-  std::vector<json> entries = ReadAuditFile(audit_path);
-  const json* reloaded = FindEntry(entries, [](const json& e) { return e["type"] == "reload"; });
-  ASSERT_NE(reloaded, nullptr) << ReadFile(audit_path);
-  EXPECT_THAT((*reloaded)["details"].value("reason", ""), HasSubstr("dp-0"));
-}
-
 // ---------------------------------------------------------------------------------------------
 // 6. Metrics.
 
@@ -1305,7 +1335,7 @@ TEST_F(OperatorTest, DataplaneMetricsAreValidPrometheusText) {
 
   // A stream in flight shows in sflb_active_streams.
   std::thread stream([&] {
-    httplib::Headers h = {{"x-fake-chunks", "20"}, {"x-fake-chunk-delay-ms", "100"}};
+    httplib::Headers h = {{"x-fake-chunks", "10"}, {"x-fake-chunk-delay-ms", "60"}};
     Chat(0, h, /*stream=*/true);
   });
   bool active = WaitUntil([&] {
@@ -1329,21 +1359,40 @@ TEST_F(OperatorTest, DataplaneMetricsAreValidPrometheusText) {
   EXPECT_TRUE(disconnected) << last_metrics_;
 }
 
-// Every route the old tool had is counted by route, like the proxied ones.
-TEST_F(OperatorTest, LegacyEndpointsAreCountedInMetrics) {
+// sflb_http_requests_total ("Client requests by route and HTTP status") only counts requests
+// that reach the proxy: the old tool's endpoints (although DataplaneMetrics::RouteLabel names
+// "/", "/stats", "/health", "/balance", "/reload-keys" and "/info") and the 401s answered before
+// routing never show up, so an operator sees neither dashboard polling nor failed logins.
+TEST_F(OperatorTest, BUG_RequestsAnsweredBySflbItselfAreNotCountedInMetrics) {
   StartCluster(1);
   int port = MetricsPort(cluster_.dataplane(0));
   ASSERT_GT(port, 0);
-  for (const char* path : {"/stats", "/health", "/info"}) ASSERT_TRUE(Get(path, Auth::kUser));
+  for (const char* path : {"/stats", "/health", "/info", "/balance"}) {
+    auto res = Get(path, Auth::kUser);
+    ASSERT_TRUE(res);
+    ASSERT_EQ(res->status, 200) << path;
+  }
+  auto res = Get("/v1/models", Auth::kWrong);
+  ASSERT_TRUE(res);
+  ASSERT_EQ(res->status, 401);
   absl::StatusOr<PromText> m;
+  auto count = [&m](const std::map<std::string, std::string>& labels) {
+    return m->Value("sflb_http_requests_total", labels).value_or(0);
+  };
   bool counted = WaitUntil([&] {
     m = ScrapeMetrics(port);
-    return m.ok() &&
-           m->Value("sflb_http_requests_total", {{"route", "/stats"}}).value_or(0) >= 1 &&
-           m->Value("sflb_http_requests_total", {{"route", "/health"}}).value_or(0) >= 1 &&
-           m->Value("sflb_http_requests_total", {{"route", "/info"}}).value_or(0) >= 1;
+    return m.ok() && count({{"route", "/stats"}, {"code", "200"}}) >= 1 &&
+           count({{"route", "/health"}, {"code", "200"}}) >= 1 &&
+           count({{"route", "/info"}, {"code", "200"}}) >= 1 &&
+           count({{"route", "/balance"}, {"code", "200"}}) >= 1 && count({{"code", "401"}}) >= 1;
   }, absl::Seconds(3));
-  EXPECT_TRUE(counted) << last_metrics_;
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_TRUE(counted) << "sflb_http_requests_total: /stats " << count({{"route", "/stats"}})
+                       << ", /health " << count({{"route", "/health"}}) << ", /info "
+                       << count({{"route", "/info"}}) << ", /balance "
+                       << count({{"route", "/balance"}}) << ", code 401 "
+                       << count({{"code", "401"}}) << "\n"
+                       << last_metrics_;
 }
 
 TEST_F(OperatorTest, ControlplaneMetricsAreValidPrometheusTextWhenPresent) {
@@ -1360,6 +1409,14 @@ TEST_F(OperatorTest, ControlplaneMetricsAreValidPrometheusTextWhenPresent) {
   absl::StatusOr<PromText> m = ScrapeMetrics(port);
   ASSERT_TRUE(m.ok()) << m.status() << "\n" << last_metrics_;
   EXPECT_FALSE(m->samples.empty());
+  // Gauges are refreshed about once a second.
+  bool current = WaitUntil([&] {
+    m = ScrapeMetrics(port);
+    return m.ok() && m->Value("sflb_keys", {{"state", "active"}}) == 2 &&
+           m->Value("sflb_watching_replicas") == 1;
+  }, absl::Seconds(5));
+  ASSERT_TRUE(m.ok()) << m.status() << "\n" << last_metrics_;
+  EXPECT_TRUE(current) << last_metrics_;
   for (const PromSample& s : m->samples) {
     EXPECT_TRUE(absl::StartsWith(s.name, "sflb_") || absl::StartsWith(s.name, "process_") ||
                 absl::StartsWith(s.name, "exposer_"))
@@ -1441,9 +1498,8 @@ TEST_F(OperatorTest, OneRequestLinePerRequestWithIdsKeysTimesAndUsage) {
   EXPECT_EQ((*line)["completion_tokens"], 7);
 
   // A retried request names both keys.
-  std::string first_key;
   cluster_.ResetFake();
-  cluster_.AddFault({{"key", "*"}, {"action", "status"}, {"status", 500}, {"times", 1}});
+  cluster_.AddFault({{"key", "*"}, {"action", "status"}, {"status", 503}, {"times", 1}});
   res = Chat();
   ASSERT_TRUE(res);
   ASSERT_EQ(res->status, 200) << res->body;
@@ -1462,41 +1518,68 @@ TEST_F(OperatorTest, OneRequestLinePerRequestWithIdsKeysTimesAndUsage) {
   for (const auto& [rid, n] : per_id) EXPECT_EQ(n, 1) << rid;
 }
 
+// Every line of a process's log is exactly one JSON object; none was forged by client text.
+void ExpectOneJsonObjectPerLine(const std::string& log) {
+  for (absl::string_view l : absl::StrSplit(log, '\n', absl::SkipEmpty())) {
+    json j = json::parse(l, nullptr, false);
+    EXPECT_TRUE(j.is_object() && j.contains("ts") && j.contains("event"))
+        << "not one log object per line: " << l;
+  }
+}
+
 TEST_F(OperatorTest, ClientSuppliedTextIsEscapedInRequestLines) {
   StartCluster(1);
   auto client = cluster_.Client();
-  // Quotes, a backslash and a newline, URL-encoded; and a forged JSON object after the newline.
-  const std::string raw = "/v1/odd%22path%5C%0A%7B%22event%22%3A%22request%22%7D";
-  const std::string decoded = "/v1/odd\"path\\\n{\"event\":\"request\"}";
+  // Quotes, a backslash, a tab, an escape character, a byte that is not UTF-8, and a forged
+  // JSON object; all URL-encoded.
+  const std::string raw = "/v1/odd%22path%5C%09%1B%FF%7D%7B%22event%22%3A%22forged%22%7D";
   auto res = client->Get(raw, Headers(Auth::kUser));
   ASSERT_TRUE(res);
   std::string id = res->get_header_value("x-request-id");
   ASSERT_FALSE(id.empty());
   auto line = RequestLine(cluster_.dataplane(0), id);
-  ASSERT_TRUE(line.ok()) << "no request line for a path with a newline (HTTP " << res->status
-                         << " " << res->body << ")";
-  EXPECT_TRUE((*line)["path"] == decoded || (*line)["path"] == raw) << (*line)["path"];
+  ASSERT_TRUE(line.ok()) << line.status();
+  std::string path = (*line)["path"];
+  EXPECT_TRUE(absl::StartsWith(path, "/v1/odd\"path\\\t\x1b")) << path;
+  EXPECT_THAT(path, HasSubstr("{\"event\":\"forged\"}"));
+  ExpectRequestLineShape(*line, Fingerprints());
   // Unauthenticated attempts with odd paths are logged with the IP, escaped as well.
-  res = client->Get("/v1/x%22y%0Az", Headers(Auth::kWrong));
+  res = client->Get("/v1/x%22y%5Cz%09", Headers(Auth::kWrong));
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 401);
-  // Every line of the dataplane's log is exactly one JSON object.
-  std::string log = cluster_.dataplane(0).ReadLog();
-  int forged = 0;
-  for (absl::string_view l : absl::StrSplit(log, '\n', absl::SkipEmpty())) {
-    json j = json::parse(l, nullptr, false);
-    EXPECT_TRUE(j.is_object()) << "not one JSON object per line: " << l;
-    if (j.is_object() && j.size() == 1 && j.contains("event")) ++forged;
-  }
-  EXPECT_EQ(forged, 0) << "client text injected a log line";
   EXPECT_TRUE(cluster_.dataplane(0)
                   .WaitForLog([](const json& j) {
                     return j.value("event", "") == "auth_failed" &&
                            j.value("client_ip", "") == "127.0.0.1" &&
-                           absl::StrContains(j.value("path", ""), "x\"y");
+                           j.value("path", "") == "/v1/x\"y\\z\t";
                   },
                               absl::Seconds(5))
                   .ok());
+  ExpectOneJsonObjectPerLine(cluster_.dataplane(0).ReadLog());
+  for (const json& j : cluster_.dataplane(0).LogLines()) {
+    EXPECT_NE(j.value("event", ""), "forged") << "client text injected a log line";
+  }
+}
+
+// httplib's router matches "/.*" with std::regex, whose '.' does not match a line terminator:
+// a request whose decoded path holds a newline or a carriage return (%0A, %0D) matches no
+// route and gets httplib's 404, which the error handler dresses up. It is answered by sflb but
+// gets no request line (and no metric), so it is invisible in the logs.
+TEST_F(OperatorTest, BUG_RequestWithEncodedNewlineInPathGetsNoRequestLine) {
+  StartCluster(1);
+  auto client = cluster_.Client();
+  const std::string raw = "/v1/odd%0Apath%0D%0A%7B%22event%22%3A%22forged%22%7D";
+  auto res = client->Get(raw, Headers(Auth::kUser));
+  ASSERT_TRUE(res);
+  std::string id = res->get_header_value("x-request-id");
+  ASSERT_FALSE(id.empty());
+  auto line = RequestLine(cluster_.dataplane(0), id);
+  EXPECT_TRUE(line.ok()) << "no request line (the client got HTTP " << res->status << " "
+                         << res->body << ")";
+  if (line.ok()) {
+    EXPECT_EQ((*line)["path"], "/v1/odd\npath\r\n{\"event\":\"forged\"}");
+  }
+  ExpectOneJsonObjectPerLine(cluster_.dataplane(0).ReadLog());
 }
 
 }  // namespace

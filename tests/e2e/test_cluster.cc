@@ -144,7 +144,9 @@ absl::StatusOr<int> TestCluster::StartDataplane(std::map<std::string, std::strin
   if (!port.ok()) return port.status();
   dataplanes_.push_back(std::move(dp));
   dataplane_ports_.push_back(*port);
-  s = WaitReady(index);
+  // A replica that cannot get its key set (wrong credentials) is not ready: give it a
+  // generous but finite time.
+  s = WaitReady(index, absl::Seconds(15));
   if (!s.ok()) return s;
   return index;
 }
