@@ -17,6 +17,10 @@
 #   SFLB_KEYS_FILE            keys file (default ./keys.txt)
 #   SILICONFLOW_BASE_URL      upstream in real mode (default https://api.siliconflow.cn/v1)
 #   SFLB_STATE_FILE           controlplane state file (default .sflb-local/controlplane-state-<mode>.json)
+#   SFLB_AUDIT_LOG            controlplane audit log (default .sflb-local/audit-<mode>.jsonl)
+#   SFLB_CONTROLPLANE_METRICS controlplane /metrics listener (default 127.0.0.1:9091, off if taken)
+#   SFLB_DATAPLANE_METRICS    dataplane /metrics listener (default 127.0.0.1:9090, off if taken)
+#   SFLB_DRAIN_GRACE          dataplane drain grace on stop (default 0 here)
 #   SFLB_BUILD_DIR            build folder (default build)
 #   SFLB_BUILD_JOBS           parallel compile jobs (default: nproc)
 #   SFLB_SKIP_BUILD=1         use the binaries already in the build folder
@@ -30,7 +34,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 case "${1:-}" in
   "") ;;
-  -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "run-local: unknown argument '$1' (see --help)" >&2; exit 2 ;;
 esac
 
@@ -233,13 +237,21 @@ if [[ "$mode" == demo ]]; then
   base_url="http://127.0.0.1:$fake_port/v1"
 fi
 
-# Controlplane state (key states, counters) lives in .sflb-local/, one file per mode, so demo
-# keys never mix with real ones and nothing lands beside keys.txt in the repository.
+# Controlplane state (key states, counters) and audit log live in .sflb-local/, one set per
+# mode, so demo keys never mix with real ones and nothing lands beside keys.txt in the repo.
 state_file="${SFLB_STATE_FILE:-$state_dir/controlplane-state-$mode.json}"
+audit_log="${SFLB_AUDIT_LOG:-$state_dir/audit-$mode.jsonl}"
+# Prometheus listeners on localhost only; a port already taken turns that listener off.
+metrics_listen() {  # metrics_listen DEFAULT_PORT
+  if port_busy "$1"; then echo off; else echo "127.0.0.1:$1"; fi
+}
+cp_metrics="${SFLB_CONTROLPLANE_METRICS:-$(metrics_listen 9091)}"
+dp_metrics="${SFLB_DATAPLANE_METRICS:-$(metrics_listen 9090)}"
 say "Starting the controlplane on $cp_address ($mode mode)"
 start controlplane "$cyan" "$log_dir/controlplane.log" 1 \
   env SFLB_LISTEN="$cp_address" SFLB_KEYS_FILE="$keys_file" LB_ADMIN_KEY="$admin_key" \
-      SILICONFLOW_BASE_URL="$base_url" SFLB_STATE_FILE="$state_file" "$cp_bin"
+      SILICONFLOW_BASE_URL="$base_url" SFLB_STATE_FILE="$state_file" \
+      SFLB_AUDIT_LOG="$audit_log" SFLB_METRICS_LISTEN="$cp_metrics" "$cp_bin"
 # Start the dataplane once the controlplane listens: its first Watch then succeeds at once
 # instead of waiting out gRPC's reconnect backoff.
 for _ in $(seq 100); do
@@ -249,9 +261,11 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 say "Starting a dataplane on $http_host:$port"
+# No drain grace by default: Ctrl-C on a local run should not wait for load balancers.
 start dataplane "$green" "$log_dir/dataplane.log" 1 \
   env PORT="$port" SFLB_HOST="$http_host" LB_API_KEY="$api_key" LB_ADMIN_KEY="$admin_key" \
-      SILICONFLOW_BASE_URL="$base_url" SFLB_CONTROLPLANE="$cp_address" "$dp_bin"
+      SILICONFLOW_BASE_URL="$base_url" SFLB_CONTROLPLANE="$cp_address" \
+      SFLB_METRICS_LISTEN="$dp_metrics" SFLB_DRAIN_GRACE="${SFLB_DRAIN_GRACE:-0}" "$dp_bin"
 
 # ---- 5. Wait until the dataplane is ready. -------------------------------------------------------
 
@@ -324,6 +338,13 @@ else
   fi
 fi
 
+metrics_note=""
+for m in "dataplane $dp_metrics" "controlplane $cp_metrics"; do
+  read -r m_name m_addr <<<"$m"
+  [[ "$m_addr" == off ]] || metrics_note+="${metrics_note:+, }$m_name http://$m_addr/metrics"
+done
+[[ -z "$metrics_note" ]] || metrics_note="  Metrics: $metrics_note
+"
 if [[ "$api_key_source" != environment ]]; then
   key_note="LB_API_KEY: generated once, kept in .sflb-local/credentials"
 else
@@ -345,6 +366,7 @@ ${green}${bold}sflb is ready${reset} at $url  ($key_note)
     ${ctl_env}$ctl_rel stats
 
   Logs: .sflb-local/logs/ (tail -f .sflb-local/logs/*.log).  Stop: Ctrl-C.
+$metrics_note
 
 EOF
 
