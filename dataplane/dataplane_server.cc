@@ -19,6 +19,7 @@
 #include "common/grpc_util.h"
 #include "dataplane/admin_client.h"
 #include "dataplane/client_auth.h"
+#include "dataplane/client_ip.h"
 #include "dataplane/legacy_api.h"
 #include "dataplane/controlplane_link.h"
 #include "dataplane/elastic_thread_pool.h"
@@ -69,6 +70,7 @@ struct Dataplane {
   std::unique_ptr<ControlplaneLink> link;
   std::unique_ptr<Proxy> proxy;
   std::unique_ptr<ClientAuth> auth;
+  TrustedProxies trusted_proxies;
   std::unique_ptr<AdminClient> admin;
   DataplaneMetrics metrics;
   std::unique_ptr<MetricsServer> metrics_server;
@@ -126,7 +128,9 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
     if (dp->auth->Check(req.get_header_value("Authorization")) != ClientRole::kNone) {
       return httplib::Server::HandlerResponse::Unhandled;
     }
-    LogWarning("auth_failed", {{"client_ip", req.remote_addr},
+    LogWarning("auth_failed", {{"client_ip", dp->trusted_proxies.ClientIp(
+                                                 req.remote_addr,
+                                                 req.get_header_value("X-Forwarded-For"))},
                                {"method", req.method},
                                {"path", req.path},
                                {"reason", req.has_header("Authorization") ? "wrong key"
@@ -270,7 +274,8 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
     record->metrics = &dp->metrics;
     record->request_id = res.get_header_value(kRequestIdHeader);
     record->started = absl::Now();
-    record->client_ip = req.remote_addr;
+    record->client_ip =
+        dp->trusted_proxies.ClientIp(req.remote_addr, req.get_header_value("X-Forwarded-For"));
     record->method = req.method;
     record->path = req.path;
     record->request_bytes = body.size();
@@ -382,6 +387,8 @@ void RegisterDataplaneOptions(OptionParser* parser, DataplaneOptions* o) {
                       "On SIGTERM, keep accepting this long (readyz fails) before closing");
   parser->AddDuration("drain-timeout", "SFLB_DRAIN_TIMEOUT", &o->drain_timeout,
                       "After closing, how long in-flight requests and streams may finish");
+  parser->AddString("trusted-proxies", "SFLB_TRUSTED_PROXIES", &o->trusted_proxies,
+                    "IPs/CIDRs whose X-Forwarded-For is believed for the logged client IP");
   parser->AddString("metrics-listen", "SFLB_METRICS_LISTEN", &o->metrics_listen,
                     "Prometheus /metrics listener host:port, or 'off'");
   parser->AddString("log-level", "SFLB_LOG_LEVEL", &o->log_level,
@@ -408,6 +415,9 @@ absl::Status ValidateDataplaneOptions(const DataplaneOptions& o) {
         absl::StrCat("SILICONFLOW_BASE_URL: ", endpoint.status().message()));
   }
   if (o.controlplane.empty()) return absl::InvalidArgumentError("SFLB_CONTROLPLANE is empty");
+  if (absl::StatusOr<TrustedProxies> t = TrustedProxies::Parse(o.trusted_proxies); !t.ok()) {
+    return t.status();
+  }
   LogLevel level;
   if (!ParseLogLevel(o.log_level, &level)) {
     return absl::InvalidArgumentError(absl::StrCat("SFLB_LOG_LEVEL: unknown level '", o.log_level, "'"));
@@ -455,6 +465,7 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
                                   {"port", dp->metrics_server->port()}});
   }
   dp->auth = std::make_unique<ClientAuth>(options.api_key, options.admin_key);
+  dp->trusted_proxies = *TrustedProxies::Parse(options.trusted_proxies);  // validated before
   dp->admin = std::make_unique<AdminClient>(*channel, options.admin_key, absl::Seconds(5),
                                             absl::Seconds(1));
 

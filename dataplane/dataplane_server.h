@@ -58,6 +58,9 @@ struct DataplaneOptions {
   // error event).
   absl::Duration drain_grace = absl::Seconds(5);
   absl::Duration drain_timeout = absl::Seconds(540);
+  // Proxies whose X-Forwarded-For is believed for the logged client IP (SFLB_TRUSTED_PROXIES:
+  // comma-separated IPs and CIDR ranges; empty = none, the socket address is logged).
+  std::string trusted_proxies;
   // Prometheus metrics listener (SFLB_METRICS_LISTEN), "off" to disable.
   std::string metrics_listen = "0.0.0.0:9090";
   // Log level and whether to write one log line per request.
