@@ -45,6 +45,30 @@ bool ParseLogLevel(absl::string_view text, LogLevel* level) {
 void WriteLogLine(const nlohmann::ordered_json& object) {
   std::string line = object.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   line.push_back('\n');
+  WriteRawLogLine(line);
+}
+
+void AppendJsonString(absl::string_view value, std::string* out) {
+  bool plain = true;
+  for (char c : value) {
+    unsigned char u = static_cast<unsigned char>(c);
+    if (u < 0x20 || u >= 0x7f || c == '"' || c == '\\') {
+      plain = false;
+      break;
+    }
+  }
+  if (plain) {  // the common case: ids, IPs, paths, fingerprints
+    out->push_back('"');
+    out->append(value.data(), value.size());
+    out->push_back('"');
+    return;
+  }
+  // nlohmann's serializer does the escaping and UTF-8 repair exactly as for other log lines.
+  out->append(nlohmann::json(std::string(value)).dump(-1, ' ', false,
+                                                      nlohmann::json::error_handler_t::replace));
+}
+
+void WriteRawLogLine(absl::string_view line) {
   const char* data = line.data();
   size_t left = line.size();
   while (left > 0) {

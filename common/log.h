@@ -43,6 +43,11 @@ inline void LogError(absl::string_view event, const nlohmann::json& fields = nul
 
 // Writes an already-built JSON object as one line (request logs build their own objects).
 void WriteLogLine(const nlohmann::ordered_json& object);
+// Writes a complete line (JSON object and '\n') with one write(2). The caller escaped it.
+void WriteRawLogLine(absl::string_view line);
+// Appends `value` as a JSON string literal (quotes included), escaping quotes, backslashes and
+// control characters; invalid UTF-8 bytes become U+FFFD so the line stays valid JSON.
+void AppendJsonString(absl::string_view value, std::string* out);
 
 }  // namespace sflb
 

@@ -336,9 +336,10 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
         result.error_code = "upstream_broken_response";
         return;
       }
-      nlohmann::json parsed = nlohmann::json::parse(whole, nullptr, false);
       uint64_t prompt = 0, completion = 0;
-      if (ReadUsage(parsed, &prompt, &completion)) {
+      // Only bodies that mention usage are worth a parse (most non-chat answers do not).
+      if (absl::StrContains(whole, "\"usage\"") &&
+          ReadUsage(nlohmann::json::parse(whole, nullptr, false), &prompt, &completion)) {
         reports_->RecordTokens(key->id, prompt, completion);
         result.have_usage = true;
         result.prompt_tokens = prompt;

@@ -1,6 +1,7 @@
 #include "dataplane/request_record.h"
 
 #include "absl/random/random.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
@@ -17,32 +18,47 @@ RequestRecord::~RequestRecord() {
     if (have_usage) metrics->RecordTokens(model, prompt_tokens, completion_tokens);
   }
   if (!enabled) return;
-  nlohmann::ordered_json line;
-  line["ts"] = FormatIso8601(absl::Now());
-  line["level"] = "info";
-  line["component"] = "dataplane";
-  line["event"] = "request";
-  line["request_id"] = request_id;
-  line["client_ip"] = client_ip;
-  line["method"] = method;
-  line["path"] = path;
-  if (!model.empty()) line["model"] = model;
-  line["stream"] = stream;
-  line["status"] = status;
-  line["attempts"] = attempts;
-  line["keys"] = key_fingerprints;
-  if (!upstream_trace_id.empty()) line["upstream_trace_id"] = upstream_trace_id;
-  if (!error_code.empty()) line["error_code"] = error_code;
-  line["request_bytes"] = request_bytes;
-  line["response_bytes"] = response_bytes;
-  line["ttfb_ms"] = absl::ToDoubleMilliseconds(time_to_first_byte);
-  line["total_ms"] = absl::ToDoubleMilliseconds(absl::Now() - started);
-  if (have_usage) {
-    line["prompt_tokens"] = prompt_tokens;
-    line["completion_tokens"] = completion_tokens;
+  // Built by hand rather than through a JSON document: this runs once per request and the
+  // document's allocations were a fifth of the dataplane's instructions (see tests/bench).
+  std::string line;
+  line.reserve(512);
+  auto str = [&line](const char* key, absl::string_view value) {
+    absl::StrAppend(&line, ",\"", key, "\":");
+    AppendJsonString(value, &line);
+  };
+  auto num = [&line](const char* key, auto value) { absl::StrAppend(&line, ",\"", key, "\":", value); };
+  line = "{\"ts\":";
+  AppendJsonString(FormatIso8601(absl::Now()), &line);
+  line += ",\"level\":\"info\",\"component\":\"dataplane\",\"event\":\"request\"";
+  str("request_id", request_id);
+  str("client_ip", client_ip);
+  str("method", method);
+  str("path", path);
+  if (!model.empty()) str("model", model);
+  absl::StrAppend(&line, ",\"stream\":", stream ? "true" : "false");
+  num("status", status);
+  num("attempts", attempts);
+  line += ",\"keys\":[";
+  for (size_t i = 0; i < key_fingerprints.size(); ++i) {
+    if (i > 0) line += ",";
+    AppendJsonString(key_fingerprints[i], &line);
   }
-  if (!stream_end.empty()) line["stream_end"] = stream_end;
-  WriteLogLine(line);
+  line += "]";
+  if (!upstream_trace_id.empty()) str("upstream_trace_id", upstream_trace_id);
+  if (!error_code.empty()) str("error_code", error_code);
+  num("request_bytes", request_bytes);
+  num("response_bytes", response_bytes);
+  absl::StrAppend(&line, ",\"ttfb_ms\":",
+                  absl::StrFormat("%.3f", absl::ToDoubleMilliseconds(time_to_first_byte)));
+  absl::StrAppend(&line, ",\"total_ms\":",
+                  absl::StrFormat("%.3f", absl::ToDoubleMilliseconds(absl::Now() - started)));
+  if (have_usage) {
+    num("prompt_tokens", prompt_tokens);
+    num("completion_tokens", completion_tokens);
+  }
+  if (!stream_end.empty()) str("stream_end", stream_end);
+  line += "}\n";
+  WriteRawLogLine(line);
 }
 
 std::string NewRequestId() {
