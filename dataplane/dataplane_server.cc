@@ -38,6 +38,12 @@ namespace {
 
 constexpr char kRequestIdHeader[] = "x-request-id";
 
+// Set by the forwarding route on the request's thread: the request record accounts for it.
+// Everything else (sflb's own endpoints, auth failures, httplib's errors) is counted by the
+// server's logger, which runs on the same thread after the response.
+thread_local bool g_forwarded = false;
+thread_local absl::Time g_request_started;
+
 std::string DefaultReplicaId() {
   char host[256] = {0};
   if (gethostname(host, sizeof(host) - 1) != 0) host[0] = '\0';
@@ -119,6 +125,8 @@ struct Dataplane {
 void InstallRoutes(httplib::Server& server, Dataplane* dp) {
   // Auth runs before routing and before the body is read.
   server.set_pre_routing_handler([dp](const httplib::Request& req, httplib::Response& res) {
+    g_forwarded = false;
+    g_request_started = absl::Now();
     res.set_header(kRequestIdHeader, NewRequestId());
     // Never let httplib compress: upstream bodies pass through byte for byte, and compressing a
     // stream would buffer it (see TOOLCHAIN.md). The request object is httplib's own mutable
@@ -238,7 +246,11 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
     }
     SetJson(res, LegacyBalanceJson(*balances, absl::Now()));
   });
-  server.Post("/reload-keys", [dp](const httplib::Request& req, httplib::Response& res) {
+  // A content-reader handler: httplib tries those before plain POST handlers, so a plain one
+  // would lose to the proxy's catch-all below.
+  server.Post("/reload-keys", [dp](const httplib::Request& req, httplib::Response& res,
+                                   const httplib::ContentReader& reader) {
+    reader([](const char*, size_t) { return true; });  // no body expected; drain it
     if (dp->auth->Check(req.get_header_value("Authorization")) != ClientRole::kAdmin) {
       SetLegacyError(res, 403, "Forbidden", "Admin API key required for this operation");
       return;
@@ -268,7 +280,14 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
   });
 
   // Everything else is the SiliconFlow API.
+  server.set_logger([dp](const httplib::Request& req, const httplib::Response& res) {
+    if (g_forwarded) return;
+    dp->metrics.RecordRequest(DataplaneMetrics::RouteLabel(req.path), res.status,
+                              absl::Now() - g_request_started, absl::ZeroDuration(),
+                              /*upstream_answered=*/false);
+  });
   auto forward = [dp](const httplib::Request& req, httplib::Response& res, std::string body) {
+    g_forwarded = true;
     auto record = std::make_shared<RequestRecord>();
     record->enabled = dp->options.request_log;
     record->metrics = &dp->metrics;
@@ -280,7 +299,10 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
     record->path = req.path;
     record->request_bytes = body.size();
     std::string path = StripVersionPrefix(SplitTarget(req.target).first);
-    if ((path == "/user/info" || absl::StartsWith(path, "/user/info/")) &&
+    // The check looks at the path as the upstream will understand it: decoded (httplib's
+    // req.path) and normalized, so "/v1/user/%69nfo" or "/v1//user/./info" cannot slip by.
+    std::string canonical = StripVersionPrefix(NormalizePath(req.path));
+    if ((canonical == "/user/info" || absl::StartsWith(canonical, "/user/info/")) &&
         dp->auth->Check(req.get_header_value("Authorization")) != ClientRole::kAdmin) {
       // A pool key's account data (balance, identity) is for operators: see /balance.
       SetOpenAiError(res, 403, "user/info of the pooled keys is not available through sflb; "
@@ -324,7 +346,9 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
     }
     forward(req, res, std::move(body));
   };
-  const char* kAll = R"(/.*)";
+  // [\s\S] rather than '.': std::regex's '.' does not match a newline, and a path with an
+  // encoded newline must still reach the proxy (and its request log) rather than no route.
+  const char* kAll = R"(/[\s\S]*)";
   server.Get(kAll, without_body);
   server.Options(kAll, without_body);
   server.Post(kAll, with_body);

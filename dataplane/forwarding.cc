@@ -104,6 +104,21 @@ std::string StripVersionPrefix(absl::string_view path) {
   return std::string(path);
 }
 
+std::string NormalizePath(absl::string_view decoded_path) {
+  std::vector<absl::string_view> segments;
+  for (absl::string_view segment : absl::StrSplit(decoded_path, '/')) {
+    if (segment.empty() || segment == ".") continue;
+    if (segment == "..") {
+      if (!segments.empty()) segments.pop_back();
+      continue;
+    }
+    segments.push_back(segment);
+  }
+  std::string out;
+  for (absl::string_view segment : segments) absl::StrAppend(&out, "/", segment);
+  return out.empty() ? "/" : out;
+}
+
 std::string UpstreamTarget(absl::string_view base_path, absl::string_view path,
                            absl::string_view query) {
   std::string out = absl::StrCat(base_path, path);

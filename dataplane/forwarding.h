@@ -18,6 +18,10 @@ std::pair<absl::string_view, absl::string_view> SplitTarget(absl::string_view ta
 // "/v1beta/x" stays, "/models" stays. The result always starts with '/'.
 std::string StripVersionPrefix(absl::string_view path);
 
+// A decoded path made canonical for access checks: duplicate slashes collapsed, "." and ".."
+// segments resolved (never above the root). "/v1//user/./info" -> "/v1/user/info".
+std::string NormalizePath(absl::string_view decoded_path);
+
 // Joins the upstream base path ("/v1" or "") with a client path and raw query, byte-exact.
 std::string UpstreamTarget(absl::string_view base_path, absl::string_view path,
                            absl::string_view query);
