@@ -305,3 +305,17 @@ TEST(SummarizeBodyTest, DeeplyNestedBodyDoesNotCrash) {
 
 }  // namespace
 }  // namespace sflb
+
+namespace sflb {
+namespace {
+
+TEST(NormalizePathTest, CollapsesSlashesAndDotSegments) {
+  EXPECT_EQ(NormalizePath("/v1//user/./info"), "/v1/user/info");
+  EXPECT_EQ(NormalizePath("/v1/x/../user/info"), "/v1/user/info");
+  EXPECT_EQ(NormalizePath("/../../etc"), "/etc");
+  EXPECT_EQ(NormalizePath(""), "/");
+  EXPECT_EQ(NormalizePath("/a/b/"), "/a/b");
+}
+
+}  // namespace
+}  // namespace sflb
