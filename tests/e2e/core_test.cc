@@ -1,6 +1,8 @@
 // End-to-end tests of the core path: real controlplane, dataplane replicas and sflbctl against
 // the fake SiliconFlow (issue: core).
 #include <atomic>
+#include <fstream>
+#include <iterator>
 #include <set>
 #include <thread>
 
@@ -442,6 +444,26 @@ TEST_F(CoreTest, SflbctlStatsKeysAndErrors) {
   EXPECT_EQ(bad.exit_code, 4) << bad.err;
   CommandResult unreachable = cluster_.Ctl({"stats", "--server", "127.0.0.1:1"});
   EXPECT_EQ(unreachable.exit_code, 3) << unreachable.err;
+}
+
+// The README's settings tables must list every environment variable the binaries accept.
+TEST(DocumentationTest, ReadmeListsEverySetting) {
+  std::ifstream in(std::string(SFLB_SOURCE_DIR) + "/README.md");
+  std::string readme((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_FALSE(readme.empty());
+  int checked = 0;
+  for (const char* binary : {SFLB_CONTROLPLANE_BIN, SFLB_DATAPLANE_BIN}) {
+    CommandResult help = RunCommand(binary, {"--help"}, {});
+    ASSERT_EQ(help.exit_code, 0);
+    for (absl::string_view line : absl::StrSplit(help.out, '\n')) {
+      size_t slash = line.find(" / ");
+      if (!absl::StartsWith(line, "  --") || slash == absl::string_view::npos) continue;
+      std::string env(line.substr(slash + 3));
+      EXPECT_THAT(readme, HasSubstr(absl::StrCat("`", env, "`"))) << env << " is not documented";
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 40);
 }
 
 }  // namespace
