@@ -21,6 +21,7 @@
 #   SFLB_CONTROLPLANE_METRICS controlplane /metrics listener (default 127.0.0.1:9091, off if taken)
 #   SFLB_DATAPLANE_METRICS    dataplane /metrics listener (default 127.0.0.1:9090, off if taken)
 #   SFLB_DRAIN_GRACE          dataplane drain grace on stop (default 0 here)
+#   SFLB_DATAPLANE_TOKEN      key-service token shared by both (default: random per run)
 #   SFLB_BUILD_DIR            build folder (default build)
 #   SFLB_BUILD_JOBS           parallel compile jobs (default: nproc)
 #   SFLB_SKIP_BUILD=1         use the binaries already in the build folder
@@ -34,7 +35,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 case "${1:-}" in
   "") ;;
-  -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "run-local: unknown argument '$1' (see --help)" >&2; exit 2 ;;
 esac
 
@@ -246,12 +247,16 @@ metrics_listen() {  # metrics_listen DEFAULT_PORT
   if port_busy "$1"; then echo off; else echo "127.0.0.1:$1"; fi
 }
 cp_metrics="${SFLB_CONTROLPLANE_METRICS:-$(metrics_listen 9091)}"
+# Only the dataplane may read keys from the controlplane: a fresh token per run (both processes
+# get it here), unless SFLB_DATAPLANE_TOKEN is set.
+dataplane_token="${SFLB_DATAPLANE_TOKEN:-$(random_key sflb-dp-)}"
 dp_metrics="${SFLB_DATAPLANE_METRICS:-$(metrics_listen 9090)}"
 say "Starting the controlplane on $cp_address ($mode mode)"
 start controlplane "$cyan" "$log_dir/controlplane.log" 1 \
   env SFLB_LISTEN="$cp_address" SFLB_KEYS_FILE="$keys_file" LB_ADMIN_KEY="$admin_key" \
       SILICONFLOW_BASE_URL="$base_url" SFLB_STATE_FILE="$state_file" \
-      SFLB_AUDIT_LOG="$audit_log" SFLB_METRICS_LISTEN="$cp_metrics" "$cp_bin"
+      SFLB_AUDIT_LOG="$audit_log" SFLB_METRICS_LISTEN="$cp_metrics" \
+      SFLB_DATAPLANE_TOKEN="$dataplane_token" "$cp_bin"
 # Start the dataplane once the controlplane listens: its first Watch then succeeds at once
 # instead of waiting out gRPC's reconnect backoff.
 for _ in $(seq 100); do
@@ -265,7 +270,8 @@ say "Starting a dataplane on $http_host:$port"
 start dataplane "$green" "$log_dir/dataplane.log" 1 \
   env PORT="$port" SFLB_HOST="$http_host" LB_API_KEY="$api_key" LB_ADMIN_KEY="$admin_key" \
       SILICONFLOW_BASE_URL="$base_url" SFLB_CONTROLPLANE="$cp_address" \
-      SFLB_METRICS_LISTEN="$dp_metrics" SFLB_DRAIN_GRACE="${SFLB_DRAIN_GRACE:-0}" "$dp_bin"
+      SFLB_METRICS_LISTEN="$dp_metrics" SFLB_DRAIN_GRACE="${SFLB_DRAIN_GRACE:-0}" \
+      SFLB_DATAPLANE_TOKEN="$dataplane_token" "$dp_bin"
 
 # ---- 5. Wait until the dataplane is ready. -------------------------------------------------------
 

@@ -132,5 +132,5 @@ export function binaryFlags(component) {
 // Names in sflbctl's command and flag tables (entries `{"name", ...}` in ctl/ctl.cc).
 export function ctlNames() {
   const text = fs.readFileSync(path.join(repoRoot, "ctl", "ctl.cc"), "utf8");
-  return new Set([...text.matchAll(/^\s*\{"([a-z][a-z0-9-]*)",/gm)].map((m) => m[1]));
+  return new Set([...text.matchAll(/^\s*\{+"([a-z][a-z0-9-]*)",/gm)].map((m) => m[1]));
 }
