@@ -1491,13 +1491,14 @@ absl::optional<uint64_t> ParseHealthCheckResponse(const std::string& bytes) {
 int PrintHealth(Session& s, const std::string& target, bool healthy, const std::string& status,
                 int http_status) {
   if (s.json()) {
-    google::protobuf::Struct result;
-    auto& fields = *result.mutable_fields();
-    fields["target"].set_string_value(target);
-    fields["status"].set_string_value(status);
-    fields["healthy"].set_bool_value(healthy);
-    if (http_status != 0) fields["http_status"].set_number_value(http_status);
-    if (int rc = s.PrintJson(result); rc != kCtlOk) return rc;
+    // A plain JSON object (not google::protobuf::Struct, whose Map crashes in Debian's
+    // uninstrumented protobuf under ThreadSanitizer).
+    nlohmann::ordered_json result;
+    result["target"] = target;
+    result["status"] = status;
+    result["healthy"] = healthy;
+    if (http_status != 0) result["http_status"] = http_status;
+    s.out() << result.dump() << "\n";
   } else {
     s.out() << target << ": " << status << "\n";
   }
@@ -1622,10 +1623,11 @@ int HelpCommand(Session& s) {
 
 int VersionCommand(Session& s) {
   if (s.json()) {
-    google::protobuf::Struct version;
-    (*version.mutable_fields())["name"].set_string_value(kProgram);
-    (*version.mutable_fields())["version"].set_string_value(kVersion);
-    return s.PrintJson(version);
+    nlohmann::ordered_json version;
+    version["name"] = kProgram;
+    version["version"] = kVersion;
+    s.out() << version.dump() << "\n";
+    return kCtlOk;
   }
   s.out() << kProgram << " " << kVersion << "\n";
   return kCtlOk;

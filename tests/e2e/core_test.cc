@@ -281,6 +281,7 @@ TEST_F(CoreTest, ReloadAddsAndRemovesKeysUnderTrafficWithoutFailures) {
 
   std::atomic<bool> stop{false};
   std::atomic<int> ok{0}, failed{0};
+  std::atomic<int> done[4] = {{0}, {0}, {0}, {0}};  // requests finished, per load thread
   std::vector<std::thread> load;
   for (int t = 0; t < 4; ++t) {
     load.emplace_back([&, t] {
@@ -288,6 +289,7 @@ TEST_F(CoreTest, ReloadAddsAndRemovesKeysUnderTrafficWithoutFailures) {
       while (!stop.load()) {
         auto res = client->Get("/v1/models", TestCluster::UserAuth());
         (res && res->status == 200 ? ok : failed).fetch_add(1);
+        done[t].fetch_add(1);
       }
     });
   }
@@ -299,6 +301,17 @@ TEST_F(CoreTest, ReloadAddsAndRemovesKeysUnderTrafficWithoutFailures) {
   EXPECT_THAT(reload.out, Not(HasSubstr(added[0])));
   ASSERT_TRUE(cluster_.WaitForKeyCount(0, 4).ok());
   ASSERT_TRUE(cluster_.WaitForKeyCount(1, 4).ok());
+  // Requests that picked a key before the new snapshot may still finish with it (that is the
+  // point of retiring keys gently): wait until every load thread has completed two requests
+  // begun after both replicas held the new key set, then look only at what follows.
+  int seen[4];
+  for (int t = 0; t < 4; ++t) seen[t] = done[t].load();
+  absl::Time settle = absl::Now() + absl::Seconds(30);
+  for (int t = 0; t < 4; ++t) {
+    while (done[t].load() < seen[t] + 2 && absl::Now() < settle) {
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+  }
   nlohmann::json before = cluster_.FakeRequests();
   uint64_t mark = before.empty() ? 0 : before.back()["seq"].get<uint64_t>();
   absl::SleepFor(absl::Milliseconds(500));  // traffic after the reload
