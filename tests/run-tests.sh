@@ -73,7 +73,7 @@ for flavour in $flavours; do
       fi ;;
     tsan)
       cmake_args+=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DSFLB_SANITIZE=thread)
-      test_env=("TSAN_OPTIONS=ignore_noninstrumented_modules=1 halt_on_error=1 second_deadlock_stack=1") ;;
+      test_env=("TSAN_OPTIONS=ignore_noninstrumented_modules=1 halt_on_error=1 second_deadlock_stack=1 suppressions=$root/tests/tsan.supp") ;;
   esac
   # A cache made by another generator cannot be switched to Ninja in place.
   if [[ -f "$dir/CMakeCache.txt" ]] && ! grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja$' "$dir/CMakeCache.txt"; then
