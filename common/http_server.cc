@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -76,11 +77,10 @@ class ConnectionStream final : public httplib::Stream {
 
   ssize_t read(char* ptr, size_t size) override {
     if (off_ == len_) {
-      if (!is_readable()) return -1;
       off_ = len_ = 0;
-      if (size >= sizeof(buf_)) return Recv(ptr, size);  // Large reads bypass the buffer.
-      const ssize_t n = Recv(buf_, sizeof(buf_));
-      if (n <= 0) return n;
+      // Large reads bypass the buffer.
+      const ssize_t n = size >= sizeof(buf_) ? Recv(ptr, size) : Recv(buf_, sizeof(buf_));
+      if (n <= 0 || size >= sizeof(buf_)) return n;
       len_ = static_cast<size_t>(n);
     }
     const size_t n = std::min(size, len_ - off_);
@@ -89,14 +89,25 @@ class ConnectionStream final : public httplib::Stream {
     return static_cast<ssize_t>(n);
   }
 
+  // One send(): the socket's SO_SNDTIMEO bounds a blocked write. (Handlers that stream check
+  // is_writable() themselves, through their DataSink.)
   ssize_t write(const char* ptr, size_t size) override {
-    if (!is_writable()) return -1;
+    if (detached_) return static_cast<ssize_t>(size);  // httplib's answer is discarded
     ssize_t n;
     do {
       n = ::send(fd_, ptr, size, MSG_NOSIGNAL);
     } while (n < 0 && errno == EINTR);
     return n;
   }
+
+  // Hands the connection over (see HttpServer::DetachConnection): false if bytes of a next
+  // request are already buffered here.
+  bool Detach() {
+    if (off_ < len_) return false;
+    detached_ = true;
+    return true;
+  }
+  bool detached() const { return detached_; }
 
   void get_remote_ip_and_port(std::string& ip, int& port) const override {
     sockaddr_storage addr{};
@@ -117,10 +128,18 @@ class ConnectionStream final : public httplib::Stream {
   ::socket_t socket() const override { return fd_; }
 
  private:
+  // Tries the read first and waits (up to the read timeout) only when nothing is there: most
+  // reads find their bytes already arrived, and that saves a poll() per read.
   ssize_t Recv(char* ptr, size_t size) {
     ssize_t n;
     do {
-      n = ::recv(fd_, ptr, size, 0);
+      n = ::recv(fd_, ptr, size, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) return n;
+    short revents = 0;
+    if (PollOne(fd_, POLLIN, read_timeout_ms_, &revents) <= 0) return -1;
+    do {
+      n = ::recv(fd_, ptr, size, MSG_DONTWAIT);
     } while (n < 0 && errno == EINTR);
     return n;
   }
@@ -131,9 +150,52 @@ class ConnectionStream final : public httplib::Stream {
   char buf_[4096];
   size_t off_ = 0;
   size_t len_ = 0;
+  bool detached_ = false;
 };
 
+// The connection the current thread is serving a request on (for DetachConnection).
+struct CurrentConnection {
+  const HttpServer* server = nullptr;
+  ConnectionStream* stream = nullptr;
+};
+thread_local CurrentConnection t_current;
+
+void SetBlocking(int fd) {
+  int flags = ::fcntl(fd, F_GETFL, 0);
+  if (flags >= 0 && (flags & O_NONBLOCK) != 0) ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+}
+
 }  // namespace
+
+// httplib's task queue, wrapped: remembers itself for ResumeConnection, and on shutdown first
+// waits for every connection (detached ones included) to close.
+class HttpServer::TrackingQueue final : public httplib::TaskQueue {
+ public:
+  TrackingQueue(HttpServer* server, httplib::TaskQueue* inner) : server_(server), inner_(inner) {
+    MutexLock lock(&server_->conn_mu_);
+    server_->queue_ = this;
+  }
+  ~TrackingQueue() override { delete inner_; }
+
+  void enqueue(std::function<void()> fn) override { inner_->enqueue(std::move(fn)); }
+  void on_idle() override { inner_->on_idle(); }
+  void shutdown() override {
+    {
+      MutexLock lock(&server_->conn_mu_);
+      // Bounded by the owner: a drain ends with CloseConnections(), which ends every one.
+      while (!server_->connections_.empty()) {
+        server_->conn_cv_.WaitWithTimeout(&server_->conn_mu_, absl::Seconds(1));
+      }
+      // Nobody can call ResumeConnection any more: no connection is left to resume.
+      server_->queue_ = nullptr;
+    }
+    inner_->shutdown();
+  }
+
+ private:
+  HttpServer* const server_;
+  httplib::TaskQueue* const inner_;
+};
 
 bool HttpServer::RaiseBacklog(int backlog) {
   return ::listen(svr_sock_, backlog) == 0;
@@ -164,8 +226,60 @@ size_t HttpServer::open_connections() const {
   return connections_.size();
 }
 
-// Mirrors httplib's own per-connection loop (wait for a request, process it, repeat while the
-// connection is kept alive), with an efficient, stoppable wait.
+bool HttpServer::ListenAfterBind() {
+  std::function<httplib::TaskQueue*()> inner = new_task_queue;
+  new_task_queue = [this, inner] { return new TrackingQueue(this, inner()); };
+  bool ok = listen_after_bind();
+  new_task_queue = inner;
+  return ok;
+}
+
+int HttpServer::DetachConnection() {
+  if (t_current.server != this || t_current.stream == nullptr) return -1;
+  {
+    MutexLock lock(&conn_mu_);
+    if (queue_ == nullptr || closing_) return -1;
+  }
+  if (!t_current.stream->Detach()) return -1;
+  return t_current.stream->socket();
+}
+
+void HttpServer::ResumeConnection(int fd) {
+  SetBlocking(fd);
+  MutexLock lock(&conn_mu_);
+  if (queue_ == nullptr || closing_) {
+    connections_.erase(fd);
+    conn_cv_.SignalAll();
+    ::shutdown(fd, SHUT_RDWR);
+    ::close(fd);
+    return;
+  }
+  connections_[fd] = true;
+  queue_->enqueue([this, fd] {
+    if (ServeConnection(fd)) ::close(fd);
+  });
+}
+
+void HttpServer::CloseDetached(int fd) {
+  Forget(fd);
+  ::shutdown(fd, SHUT_RDWR);
+  ::close(fd);
+}
+
+void HttpServer::SetDetachedIdle(int fd, bool idle) {
+  MutexLock lock(&conn_mu_);
+  auto it = connections_.find(fd);
+  if (it == connections_.end()) return;
+  it->second = idle;
+  if (idle && closing_idle_) ::shutdown(fd, SHUT_RDWR);
+}
+
+void HttpServer::Forget(::socket_t sock) {
+  MutexLock lock(&conn_mu_);
+  connections_.erase(sock);
+  conn_cv_.SignalAll();
+}
+
 bool HttpServer::process_and_close_socket(::socket_t sock) {
   {
     MutexLock lock(&conn_mu_);
@@ -177,9 +291,20 @@ bool HttpServer::process_and_close_socket(::socket_t sock) {
   }
   const int one = 1;
   setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  if (!ServeConnection(sock)) return true;  // detached: the socket lives on elsewhere
+  ::close(sock);
+  return true;
+}
+
+// Mirrors httplib's own per-connection loop (wait for a request, process it, repeat while the
+// connection is kept alive), with an efficient, stoppable wait.
+bool HttpServer::ServeConnection(::socket_t sock) {
+  const int write_timeout_ms = TimeoutMs(write_timeout_sec_, write_timeout_usec_);
+  timeval send_timeout{static_cast<time_t>(write_timeout_ms / 1000),
+                       static_cast<suseconds_t>((write_timeout_ms % 1000) * 1000)};
+  setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof(send_timeout));
   ConnectionStream stream(sock, TimeoutMs(read_timeout_sec_, read_timeout_usec_),
-                          TimeoutMs(write_timeout_sec_, write_timeout_usec_));
-  bool ok = false;
+                          write_timeout_ms);
   for (size_t left = keep_alive_max_count_; left > 0; --left) {
     bool draining;
     {
@@ -196,17 +321,16 @@ bool HttpServer::process_and_close_socket(::socket_t sock) {
       draining = closing_idle_;
     }
     bool connection_closed = false;
-    ok = process_request(stream, /*close_connection=*/left == 1 || draining, connection_closed,
-                         nullptr);
+    t_current = CurrentConnection{this, &stream};
+    bool ok = process_request(stream, /*close_connection=*/left == 1 || draining,
+                              connection_closed, nullptr);
+    t_current = CurrentConnection{};
+    if (stream.detached()) return false;
     if (!ok || connection_closed) break;
   }
-  {
-    MutexLock lock(&conn_mu_);
-    connections_.erase(sock);
-  }
+  Forget(sock);
   ::shutdown(sock, SHUT_RDWR);
-  ::close(sock);
-  return ok;
+  return true;
 }
 
 }  // namespace sflb

@@ -29,6 +29,7 @@
 #include "dataplane/proxy.h"
 #include "dataplane/report_buffer.h"
 #include "dataplane/request_record.h"
+#include "dataplane/stream_relay.h"
 #include "dataplane/upstream_client.h"
 #include "httplib.h"
 #include "nlohmann/json.hpp"
@@ -400,7 +401,11 @@ void RegisterDataplaneOptions(OptionParser* parser, DataplaneOptions* o) {
   parser->AddInt("max-body-bytes", "SFLB_MAX_BODY_BYTES", &o->max_body_bytes, 1024,
                  int64_t{1} << 32, "Largest request body accepted (413 beyond)");
   parser->AddInt("max-connections", "SFLB_MAX_CONNECTIONS", &o->max_connections, 16, 1000000,
-                 "Most client connections served at once (one thread each)");
+                 "Most client requests served at once (one thread each; a stream past its "
+                 "first byte, or an idle connection after it, moves to the relay)");
+  parser->AddInt("relay-threads", "SFLB_RELAY_THREADS", &o->relay_threads, 0, 64,
+                 "Event-loop threads that relay streams once committed (0: a thread per "
+                 "stream instead)");
   parser->AddDuration("client-read-timeout", "SFLB_CLIENT_READ_TIMEOUT", &o->client_read_timeout,
                       "Timeout reading a request from a client");
   parser->AddDuration("client-write-timeout", "SFLB_CLIENT_WRITE_TIMEOUT",
@@ -494,6 +499,18 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
                                             absl::Seconds(1));
 
   HttpServer server;
+  std::unique_ptr<StreamRelay> relay;
+  if (options.relay_threads > 0) {
+    StreamRelayOptions relay_options;
+    relay_options.threads = static_cast<int>(options.relay_threads);
+    relay_options.idle_timeout = options.idle_timeout;
+    relay_options.write_timeout = options.client_write_timeout;
+    relay_options.keep_alive_timeout = options.keep_alive_timeout;
+    Proxy* proxy = dp->proxy.get();
+    relay = std::make_unique<StreamRelay>(relay_options, &server,
+                                          [proxy] { return proxy->aborting(); });
+    dp->proxy->set_relay(relay.get());
+  }
   size_t max_connections = static_cast<size_t>(options.max_connections);
   Dataplane* dp_raw = dp.get();
   server.new_task_queue = [max_connections, dp_raw] {
@@ -537,7 +554,7 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
                         {"version", kVersion}});
   std::atomic<bool> listener_done{false};
   std::thread listener([&server, &listener_done] {
-    server.listen_after_bind();  // returns once every connection has finished
+    server.ListenAfterBind();  // returns once every connection has finished
     listener_done.store(true);
   });
 
@@ -581,6 +598,7 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
     server.CloseConnections();
   }
   listener.join();
+  if (relay != nullptr) relay->Stop();
   dp->link->Stop();
   LogInfo("stopped");
   return absl::OkStatus();

@@ -49,6 +49,7 @@ struct DataplaneOptions {
   int64_t max_body_bytes = 32 * 1024 * 1024;
   // Most connections served at once (one thread each); more wait in a queue.
   int64_t max_connections = 16384;
+  int64_t relay_threads = 2;
   // Client socket timeouts: reading a request, writing a response piece, idle keep-alive.
   absl::Duration client_read_timeout = absl::Seconds(60);
   absl::Duration client_write_timeout = absl::Seconds(60);

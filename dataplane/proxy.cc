@@ -4,6 +4,7 @@
 #include <memory>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
@@ -13,6 +14,8 @@
 #include "common/time_format.h"
 #include "dataplane/error_response.h"
 #include "dataplane/forwarding.h"
+#include "dataplane/response_stream.h"
+#include "dataplane/stream_relay.h"
 #include "nlohmann/json.hpp"
 
 namespace sflb {
@@ -72,60 +75,42 @@ bool ReadUsage(const nlohmann::json& object, uint64_t* prompt, uint64_t* complet
   return true;
 }
 
-// Per-stream state shared by the content provider and its releaser.
-struct StreamState {
-  std::unique_ptr<UpstreamExchange> exchange;
-  std::shared_ptr<const PoolKey> key;
-  ReportBuffer* reports = nullptr;
-  std::shared_ptr<RequestRecord> record;
-  // Body bytes read before committing (the first piece of a stream), sent first.
-  std::string pending;
-  DataplaneMetrics* metrics = nullptr;
-  Proxy* proxy = nullptr;
-  bool sse = false;
-  // SSE bookkeeping: whether the bytes forwarded so far end at an event boundary, and the
-  // current partial line (to find usage objects).
-  std::string tail;  // last bytes forwarded (at most 4)
-  std::string line;
-  bool have_usage = false;
-  uint64_t prompt_tokens = 0;
-  uint64_t completion_tokens = 0;
-  uint64_t bytes = 0;
-  absl::Time started;
+// The reason phrase of a status line sflb writes itself.
+const char* StatusReason(int status) {
+  switch (status) {
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 203: return "Non-Authoritative Information";
+    case 206: return "Partial Content";
+    case 400: return "Bad Request";
+    case 404: return "Not Found";
+    case 409: return "Conflict";
+    case 422: return "Unprocessable Entity";
+    case 500: return "Internal Server Error";
+    default: return status < 300 ? "OK" : status < 500 ? "Client Error" : "Server Error";
+  }
+}
 
-  // Scans forwarded SSE bytes for "data: {...usage...}" lines; the last usage seen wins.
-  void ScanSse(absl::string_view data) {
-    for (char c : data) {
-      if (c == '\n') {
-        absl::string_view l = line;
-        if (absl::ConsumePrefix(&l, "data:") && absl::StrContains(l, "\"usage\"")) {
-          nlohmann::json parsed = nlohmann::json::parse(l.begin(), l.end(), nullptr, false);
-          uint64_t p = 0, c2 = 0;
-          if (ReadUsage(parsed, &p, &c2)) {
-            have_usage = true;
-            prompt_tokens = p;
-            completion_tokens = c2;
-          }
-        }
-        line.clear();
-      } else if (line.size() < 1024 * 1024) {
-        line.push_back(c);
-      }
-    }
-    tail.append(data.data() + (data.size() > 4 ? data.size() - 4 : 0), std::min<size_t>(4, data.size()));
-    if (tail.size() > 4) tail.erase(0, tail.size() - 4);
-  }
-  // True when the bytes forwarded so far end between two events.
-  bool AtEventBoundary() const {
-    return tail.empty() || absl::EndsWith(tail, "\n\n") || absl::EndsWith(tail, "\r\n\r\n");
-  }
-};
+// The response head of a relayed stream: what httplib would have written for a chunked
+// content provider.
+std::string StreamHead(int status, const httplib::Headers& headers,
+                       const std::string& content_type, bool keep_alive) {
+  std::string head = absl::StrCat("HTTP/1.1 ", status, " ", StatusReason(status), "\r\n");
+  for (const auto& [name, value] : headers) absl::StrAppend(&head, name, ": ", value, "\r\n");
+  if (!content_type.empty()) absl::StrAppend(&head, "Content-Type: ", content_type, "\r\n");
+  absl::StrAppend(&head, "Transfer-Encoding: chunked\r\nConnection: ",
+                  keep_alive ? "keep-alive" : "close", "\r\n\r\n");
+  return head;
+}
 
 }  // namespace
 
 Proxy::Proxy(ProxyOptions options, UpstreamClient* client, KeyPool* pool, ReportBuffer* reports,
              DataplaneMetrics* metrics)
     : options_(options), client_(client), pool_(pool), reports_(reports), metrics_(metrics) {}
+
+void Proxy::set_relay(StreamRelay* relay) { relay_ = relay; }
 
 void Proxy::Forward(const httplib::Request& req, const std::string& path, std::string body,
                     const std::shared_ptr<RequestRecord>& record, httplib::Response& res) {
@@ -351,92 +336,55 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
       return;
     }
 
-    auto state = std::make_shared<StreamState>();
-    state->exchange = std::move(exchange);
-    state->key = key;
-    state->reports = reports_;
-    state->record = record;
-    state->sse = absl::StartsWithIgnoreCase(content_type, "text/event-stream");
-    state->started = absl::Now();
-    state->pending = std::move(first_piece);
-    state->metrics = metrics_;
-    state->proxy = this;
-    if (metrics_ != nullptr) metrics_->StreamStarted();
-    auto provider = [state](size_t /*offset*/, httplib::DataSink& sink) -> bool {
+    auto stream = std::make_shared<std::unique_ptr<ResponseStream>>(std::make_unique<ResponseStream>(
+        std::move(exchange), key, reports_, record, metrics_,
+        absl::StartsWithIgnoreCase(content_type, "text/event-stream")));
+    (*stream)->Forwarded(first_piece);  // sent first, whichever way the stream goes
+    if (relay_ != nullptr && head.framing != BodyFraming::kContentLength &&
+        req.version == "HTTP/1.1") {
+      // From here an event loop serves the stream; this thread goes back to the pool.
+      const bool keep_alive = !absl::StrContains(
+          absl::AsciiStrToLower(req.get_header_value("Connection")), "close");
+      std::string out = StreamHead(head.status, res.headers, content_type, keep_alive);
+      AppendChunk(first_piece, &out);
+      if (relay_->Adopt(*stream, std::move(out), keep_alive)) return;
+      // Not adopted (and nothing sent): stream from this thread after all.
+    }
+    auto provider = [stream, pending = std::move(first_piece), this](
+                        size_t /*offset*/, httplib::DataSink& sink) mutable -> bool {
+      ResponseStream& s = **stream;
       absl::StatusOr<absl::string_view> piece;
-      if (!state->pending.empty()) {
-        piece = absl::string_view(state->pending);
+      bool from_pending = !pending.empty();
+      if (from_pending) {
+        piece = absl::string_view(pending);
       } else {
-        Proxy* proxy = state->proxy;
-        piece = state->exchange->ReadSome(
-            [&sink, proxy] { return proxy->aborting() || !sink.is_writable(); });
+        piece = s.exchange()->ReadSome(
+            [&sink, this] { return aborting() || !sink.is_writable(); });
       }
       if (!piece.ok()) {
-        if (piece.status().code() == absl::StatusCode::kCancelled && state->proxy->aborting() &&
-            sink.is_writable()) {
-          // Drain deadline: end the stream well-formed rather than cutting it.
-          state->record->stream_end = "server_shutdown";
-          if (state->sse) {
-            std::string event = state->AtEventBoundary() ? "" : "\n\n";
-            event += SseErrorEvent(
-                "this sflb replica is shutting down and ended the stream; retry the request",
-                "service_unavailable", "server_shutting_down");
-            sink.write(event.data(), event.size());
-            sink.done();
-            return true;
-          }
-          return false;
-        }
-        if (piece.status().code() == absl::StatusCode::kCancelled) {
-          state->record->stream_end = "client_disconnected";
-          return false;
-        }
-        state->record->stream_end = "upstream_broken";
-        LogWarning("upstream_stream_broken", {{"request_id", state->record->request_id},
-                                              {"key", state->key->fingerprint},
-                                              {"bytes", state->bytes},
-                                              {"error", std::string(piece.status().message())}});
-        if (state->sse) {
-          // End the stream with a well-formed error event instead of a silent cut.
-          std::string event = state->AtEventBoundary() ? "" : "\n\n";
-          event += SseErrorEvent(absl::StrCat("upstream stream interrupted: ",
-                                              piece.status().message()),
-                                 "upstream_error", "stream_interrupted");
-          sink.write(event.data(), event.size());
-          sink.done();
-          return true;
-        }
-        return false;  // no way to signal an error inside a plain body: cut it
+        absl::optional<std::string> last =
+            s.Ending(piece.status(), aborting() && sink.is_writable());
+        if (!last.has_value()) return false;
+        sink.write(last->data(), last->size());
+        sink.done();
+        return true;
       }
       if (piece->empty()) {
         sink.done();
         return true;
       }
-      if (state->sse) state->ScanSse(*piece);
-      state->bytes += piece->size();
+      if (!from_pending) s.Forwarded(*piece);
       bool written = sink.write(piece->data(), piece->size());
-      state->pending.clear();
+      if (from_pending) pending.clear();
       if (!written) {
-        state->record->stream_end = "client_disconnected";
+        s.record().stream_end = "client_disconnected";
         return false;
       }
       return true;
     };
-    auto releaser = [state](bool /*success*/) {
-      state->record->response_bytes = state->bytes;
-      if (state->have_usage) {
-        state->record->have_usage = true;
-        state->record->prompt_tokens = state->prompt_tokens;
-        state->record->completion_tokens = state->completion_tokens;
-        state->reports->RecordTokens(state->key->id, state->prompt_tokens,
-                                     state->completion_tokens);
-      }
-      if (state->metrics != nullptr) state->metrics->StreamEnded();
-      state->exchange.reset();  // back to the pool if the body was complete
-      state->record.reset();    // writes the request log line if nobody else holds it
-    };
+    auto releaser = [stream](bool /*success*/) { (*stream)->Finish(); };
     if (head.framing == BodyFraming::kContentLength) {
-      auto sized = [provider](size_t offset, size_t /*length*/, httplib::DataSink& sink) {
+      auto sized = [provider](size_t offset, size_t /*length*/, httplib::DataSink& sink) mutable {
         return provider(offset, sink);
       };
       res.set_content_provider(static_cast<size_t>(head.content_length), content_type,

@@ -25,6 +25,8 @@
 
 namespace sflb {
 
+class StreamRelay;
+
 struct ProxyOptions {
   // Upstream attempts per client request, each on a different key (and, after a 429, a
   // different account).
@@ -52,6 +54,10 @@ class Proxy {
   void Forward(const httplib::Request& req, const std::string& path, std::string body,
                const std::shared_ptr<RequestRecord>& record, httplib::Response& res);
 
+  // Streams are handed to `relay` (may be null: each stream keeps its request thread). Call
+  // before serving.
+  void set_relay(StreamRelay* relay);
+
   // Shutdown: every request still waiting on the upstream is cancelled (its client gets 503),
   // and every stream ends with an SSE error event at its next wake-up (within about a
   // second). Thread-safe; irreversible.
@@ -64,6 +70,7 @@ class Proxy {
   KeyPool* const pool_;
   ReportBuffer* const reports_;
   DataplaneMetrics* const metrics_;
+  StreamRelay* relay_ = nullptr;
   std::atomic<bool> aborting_{false};
   Mutex tokens_mu_;
   // Cancel tokens of requests in flight, so AbortAll can reach them.

@@ -654,12 +654,16 @@ absl::Status Shared::InitTls() {
   return absl::OkStatus();
 }
 
+// Pooled connections idle for less than this are reused without checking them first.
+constexpr absl::Duration kTrustIdleFor = absl::Seconds(1);
+
 std::unique_ptr<Connection> Shared::TakeIdle() {
   while (true) {
     std::vector<std::unique_ptr<Connection>> expired;  // closed outside the lock
     std::unique_ptr<Connection> conn;
+    const absl::Time now = absl::Now();
     {
-      absl::Time cutoff = absl::Now() - options.idle_connection_ttl;
+      absl::Time cutoff = now - options.idle_connection_ttl;
       MutexLock lock(&mu);
       while (!idle.empty() && idle.front()->idle_since < cutoff) {
         expired.push_back(std::move(idle.front()));
@@ -672,7 +676,9 @@ std::unique_ptr<Connection> Shared::TakeIdle() {
     }
     for (auto& c : expired) c->SendCloseNotify();
     if (conn == nullptr) return nullptr;
-    if (conn->IdleAlive()) return conn;
+    // A connection pooled moments ago is trusted without the probe (a syscall per request);
+    // if the server did close it, Send's stale-connection retry covers it.
+    if (now - conn->idle_since < kTrustIdleFor || conn->IdleAlive()) return conn;
     // The server closed it while idle: drop it and try the next one. Its TLS session is still
     // good (an orderly close), so keep OpenSSL from marking it not resumable on SSL_free.
     if (conn->ssl != nullptr)
@@ -861,9 +867,13 @@ class UpstreamExchangeIo {
  public:
   // Reads into the buffer tail (compacting or growing it first). Returns the byte count, 0 at
   // EOF.
+  // With `would_block` set, never waits: returns 0 with *would_block = kRead/kWrite when the
+  // socket has nothing yet (and 0 with kNone at EOF).
   static absl::StatusOr<size_t> ReadMore(UpstreamExchange* ex, absl::Time deadline,
                                          const WaitCtx& ctx, absl::string_view phase,
-                                         absl::Duration timeout) {
+                                         absl::Duration timeout,
+                                         UpstreamExchange::Wait* would_block = nullptr) {
+    if (would_block != nullptr) *would_block = UpstreamExchange::Wait::kNone;
     if (ex->begin_ == ex->end_) {
       ex->begin_ = ex->end_ = 0;
     } else if (ex->begin_ > 0 && (ex->end_ == ex->cap_ || ex->cap_ - ex->end_ < ex->cap_ / 4)) {
@@ -895,9 +905,17 @@ class UpstreamExchangeIo {
           if (ctx.token->cancelled()) return upstream_internal::CancelledIn(phase);
           return 0;
         case IoKind::kWantRead:
+          if (would_block != nullptr) {
+            *would_block = UpstreamExchange::Wait::kRead;
+            return 0;
+          }
           st = upstream_internal::WaitFd(c->fd, POLLIN, deadline, ctx, phase, timeout);
           break;
         case IoKind::kWantWrite:
+          if (would_block != nullptr) {
+            *would_block = UpstreamExchange::Wait::kWrite;
+            return 0;
+          }
           st = upstream_internal::WaitFd(c->fd, POLLOUT, deadline, ctx, phase, timeout);
           break;
         case IoKind::kError:
@@ -1057,19 +1075,45 @@ absl::StatusOr<absl::string_view> UpstreamExchange::ReadSome(
     absl::StatusOr<size_t> n =
         UpstreamExchangeIo::ReadMore(this, absl::Now() + timeout, ctx, kPhase, timeout);
     if (!n.ok()) return Fail(n.status());
-    if (*n == 0) {
-      if (head_.framing == BodyFraming::kUntilClose) {
-        body_done_ = true;
-        return absl::string_view();
-      }
-      return Fail(absl::UnavailableError(
-          head_.framing == BodyFraming::kContentLength
-              ? absl::StrCat(kPhase, ": connection closed with ", remaining_, " of ",
-                             head_.content_length, " body bytes missing")
-              : absl::StrCat(kPhase, ": connection closed before the last chunk")));
-    }
+    if (*n == 0) return AtEof();
   }
 }
+
+absl::StatusOr<absl::string_view> UpstreamExchange::AtEof() {
+  if (head_.framing == BodyFraming::kUntilClose) {
+    body_done_ = true;
+    return absl::string_view();
+  }
+  return Fail(absl::UnavailableError(
+      head_.framing == BodyFraming::kContentLength
+          ? absl::StrCat("upstream body: connection closed with ", remaining_, " of ",
+                         head_.content_length, " body bytes missing")
+          : "upstream body: connection closed before the last chunk"));
+}
+
+absl::StatusOr<absl::string_view> UpstreamExchange::TryReadSome(Wait* wait) {
+  static constexpr absl::string_view kPhase = "upstream body";
+  *wait = Wait::kNone;
+  if (body_done_) return absl::string_view();
+  if (failed_) return absl::FailedPreconditionError("upstream body: exchange already failed");
+  if (cancel_->cancelled()) return Fail(upstream_internal::CancelledIn(kPhase));
+  WaitCtx ctx{nullptr, cancel_.get(), shared_->options.abort_poll_interval};
+  while (true) {
+    absl::string_view piece;
+    absl::Status st = UpstreamExchangeIo::DecodeBuffered(this, &piece);
+    if (!st.ok()) return Fail(st);
+    if (!piece.empty()) return piece;
+    if (body_done_) return absl::string_view();
+    absl::StatusOr<size_t> n = UpstreamExchangeIo::ReadMore(
+        this, absl::InfiniteFuture(), ctx, kPhase, shared_->options.idle_timeout, wait);
+    if (!n.ok()) return Fail(n.status());
+    if (*n > 0) continue;
+    if (*wait != Wait::kNone) return absl::string_view();
+    return AtEof();
+  }
+}
+
+int UpstreamExchange::fd() const { return conn_ == nullptr ? -1 : conn_->fd; }
 
 // ---------------------------------------------------------------------------------------------
 // UpstreamClient

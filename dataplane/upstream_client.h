@@ -144,6 +144,16 @@ class UpstreamExchange {
   // CANCELLED (should_abort or the cancel token).
   absl::StatusOr<absl::string_view> ReadSome(const std::function<bool()>& should_abort = nullptr);
 
+  // For an event loop (one thread owns the exchange): like ReadSome but never waits. Returns a
+  // piece, or an empty view that means either "complete" (body_complete() is true) or "nothing
+  // ready yet": then `*wait` says what to wait for on fd() (kRead, or kWrite when TLS needs to
+  // write first). No timeout applies: the caller tracks the idle time itself. Same errors as
+  // ReadSome except DEADLINE_EXCEEDED.
+  enum class Wait { kNone, kRead, kWrite };
+  absl::StatusOr<absl::string_view> TryReadSome(Wait* wait);
+  // The socket of this exchange's connection (for epoll), or -1 once it was closed.
+  int fd() const;
+
   // Thread-safe, idempotent: makes a blocked or later ReadSome return CANCELLED promptly.
   // Equivalent to cancel_token()->Cancel().
   void Cancel();
@@ -166,6 +176,8 @@ class UpstreamExchange {
   // Consumes body bytes already in the buffer, without I/O, as far as they go.
   void ConsumeBuffered();
   absl::Status Fail(absl::Status status);
+  // The connection ended: the body's end (until-close framing) or an error.
+  absl::StatusOr<absl::string_view> AtEof();
 
   std::shared_ptr<upstream_internal::Shared> shared_;
   std::shared_ptr<CancelToken> cancel_;  // declared before conn_: the connection refers to it
