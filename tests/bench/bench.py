@@ -250,11 +250,22 @@ class Bench:
     # ----------------------------------------------------------------------------- the system
 
     def start_fake(self):
-        threads = max(self.args.max_streams + 600, 1024)
+        # A thread per connection, idle keep-alive ones included: besides the streams, the
+        # proxies' pooled upstream connections (nginx: keepalive 512 per worker x 2; sflb: up
+        # to 512) each hold one. Too few threads queue new streams behind them (seconds).
+        threads = self.args.max_streams + 600 + 2 * 512 + 512
         self.start("fake", [os.path.join(self.bin, "sflb-fake-upstream"), "--port", "0",
                             "--threads", str(threads), "--quiet"])
         m = self.wait_log("fake", r'"event":"listening","port":(\d+)')
         self.fake_port = int(m.group(1))
+        # httplib's pool starts all its threads up front: let it finish before measuring.
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            st = proc_status(self.procs["fake"].pid) or {}
+            if st.get("threads", 0) >= threads:
+                break
+            time.sleep(0.1)
+        time.sleep(1)
         log(f"fake SiliconFlow on 127.0.0.1:{self.fake_port} ({threads} threads)")
 
     def nginx_conf_common(self, name, workers):
