@@ -9,21 +9,67 @@
 namespace sflb {
 namespace {
 
-bool IsHopByHop(absl::string_view name) {
-  static const char* const kHopByHop[] = {"connection", "keep-alive", "proxy-connection",
-                                          "te", "trailer", "transfer-encoding", "upgrade",
-                                          "proxy-authenticate", "proxy-authorization"};
-  for (const char* h : kHopByHop) {
-    if (absl::EqualsIgnoreCase(name, h)) return true;
+// ---------------------------------------------------------------------------------------------
+// Header names
+
+// ASCII lower-casing that does not consult the C locale (std::tolower does, on every call).
+inline char AsciiLower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c | 0x20) : c; }
+
+// `name` equals `lower` (which is all lower case) ignoring ASCII case.
+bool EqualsLower(absl::string_view name, absl::string_view lower) {
+  if (name.size() != lower.size()) return false;
+  for (size_t i = 0; i < name.size(); ++i) {
+    if (AsciiLower(name[i]) != lower[i]) return false;
   }
-  return false;
+  return true;
 }
 
-bool NamedInConnection(absl::string_view name, absl::string_view connection_header) {
-  for (absl::string_view token : absl::StrSplit(connection_header, ',')) {
-    if (absl::EqualsIgnoreCase(absl::StripAsciiWhitespace(token), name)) return true;
+bool StartsWithLower(absl::string_view name, absl::string_view lower) {
+  return name.size() >= lower.size() && EqualsLower(name.substr(0, lower.size()), lower);
+}
+
+// The length decides which few names can match, so a header costs at most two short compares.
+bool IsHopByHop(absl::string_view name) {
+  switch (name.size()) {
+    case 2: return EqualsLower(name, "te");
+    case 7: return EqualsLower(name, "trailer") || EqualsLower(name, "upgrade");
+    case 10: return EqualsLower(name, "connection") || EqualsLower(name, "keep-alive");
+    case 16: return EqualsLower(name, "proxy-connection");
+    case 17: return EqualsLower(name, "transfer-encoding");
+    case 18: return EqualsLower(name, "proxy-authenticate");
+    case 19: return EqualsLower(name, "proxy-authorization");
+    default: return false;
   }
-  return false;
+}
+
+// Request headers the proxy owns (besides hop-by-hop ones and the prefixes checked apart).
+bool IsProxyOwnedRequestHeader(absl::string_view name) {
+  switch (name.size()) {
+    case 4: return EqualsLower(name, "host");
+    case 6: return EqualsLower(name, "cookie") || EqualsLower(name, "expect");
+    case 9: return EqualsLower(name, "forwarded");
+    case 10: return EqualsLower(name, "local_addr") || EqualsLower(name, "local_port");
+    case 11: return EqualsLower(name, "remote_addr") || EqualsLower(name, "remote_port");
+    case 13: return EqualsLower(name, "authorization");
+    case 14: return EqualsLower(name, "content-length");
+    case 15: return EqualsLower(name, "accept-encoding");
+    default: return false;
+  }
+}
+
+// `name` is one of the comma-separated tokens of a Connection header (surrounding whitespace
+// ignored). An empty header is one empty token, which matches only an empty name.
+bool NamedInConnection(absl::string_view name, absl::string_view connection_header) {
+  if (connection_header.empty()) return name.empty();
+  size_t start = 0;
+  for (;;) {
+    size_t comma = connection_header.find(',', start);
+    absl::string_view token = connection_header.substr(
+        start, comma == absl::string_view::npos ? absl::string_view::npos : comma - start);
+    if (absl::EqualsIgnoreCase(absl::StripAsciiWhitespace(token), name)) return true;
+    if (comma == absl::string_view::npos) return false;
+    start = comma + 1;
+  }
 }
 
 // SAX handler that records the top-level "model" and "stream" members and stops early.
@@ -127,20 +173,14 @@ std::string UpstreamTarget(absl::string_view base_path, absl::string_view path,
 }
 
 bool IsRequestHeaderDropped(absl::string_view name, absl::string_view connection_header) {
-  if (IsHopByHop(name) || NamedInConnection(name, connection_header)) return true;
-  static const char* const kDropped[] = {"host", "content-length", "authorization", "cookie",
-                                         "accept-encoding", "expect", "remote_addr",
-                                         "remote_port", "local_addr", "local_port"};
-  for (const char* h : kDropped) {
-    if (absl::EqualsIgnoreCase(name, h)) return true;
-  }
-  return absl::StartsWithIgnoreCase(name, "x-forwarded-") ||
-         absl::EqualsIgnoreCase(name, "forwarded") || absl::StartsWithIgnoreCase(name, "proxy-");
+  return IsHopByHop(name) || IsProxyOwnedRequestHeader(name) ||
+         StartsWithLower(name, "x-forwarded-") || StartsWithLower(name, "proxy-") ||
+         NamedInConnection(name, connection_header);
 }
 
 bool IsResponseHeaderDropped(absl::string_view name, absl::string_view connection_header) {
-  return IsHopByHop(name) || NamedInConnection(name, connection_header) ||
-         absl::EqualsIgnoreCase(name, "content-length");
+  return IsHopByHop(name) || EqualsLower(name, "content-length") ||
+         NamedInConnection(name, connection_header);
 }
 
 BodySummary SummarizeBody(absl::string_view body) {
