@@ -13,7 +13,7 @@ namespace sflb {
 
 RequestRecord::~RequestRecord() {
   if (metrics != nullptr) {
-    metrics->RecordRequest(DataplaneMetrics::RouteLabel(path), status, absl::Now() - started,
+    metrics->RecordRequest(DataplaneMetrics::RouteLabelView(path), status, absl::Now() - started,
                            time_to_first_byte, upstream_answered);
     if (have_usage) metrics->RecordTokens(model, prompt_tokens, completion_tokens);
   }
