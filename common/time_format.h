@@ -11,7 +11,12 @@
 namespace sflb {
 
 // "2026-11-26T13:00:00.123Z" (UTC, milliseconds), as JavaScript's Date.toISOString().
+// Exactly absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", t, absl::UTCTimeZone()) (fractions of a
+// millisecond are cut, not rounded); times in 1970..9999 take a fast path without the time
+// zone library.
 std::string FormatIso8601(absl::Time t);
+// Appends FormatIso8601(t) to `out`.
+void AppendIso8601(absl::Time t, std::string* out);
 
 // Protobuf conversions. A default (unset) Timestamp maps to absl::InfinitePast().
 google::protobuf::Timestamp ToProtoTime(absl::Time t);

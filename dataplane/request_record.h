@@ -19,7 +19,7 @@ struct RequestRecord {
   RequestRecord() = default;
   RequestRecord(const RequestRecord&) = delete;
   RequestRecord& operator=(const RequestRecord&) = delete;
-  // Records metrics and writes the log line (if `enabled`).
+  // Records metrics and writes the log line (if `enabled`), both with the same end time.
   ~RequestRecord();
 
   bool enabled = true;
@@ -50,8 +50,13 @@ struct RequestRecord {
   bool upstream_answered = false;
 };
 
-// Random 16-hex-digit id. Thread-safe.
+// Random 16-hex-digit id (lower case). Thread-safe.
 std::string NewRequestId();
+
+// Appends `d` in milliseconds with three decimals, exactly as
+// absl::StrFormat("%.3f", absl::ToDoubleMilliseconds(d)) would ("2.346", "0.000", "inf"),
+// without going through printf in the common case. The log line's ttfb_ms and total_ms.
+void AppendMilliseconds(absl::Duration d, std::string* out);
 
 }  // namespace sflb
 
