@@ -283,7 +283,7 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
   // Everything else is the SiliconFlow API.
   server.set_logger([dp](const httplib::Request& req, const httplib::Response& res) {
     if (g_forwarded) return;
-    dp->metrics.RecordRequest(DataplaneMetrics::RouteLabel(req.path), res.status,
+    dp->metrics.RecordRequest(DataplaneMetrics::RouteLabelView(req.path), res.status,
                               absl::Now() - g_request_started, absl::ZeroDuration(),
                               /*upstream_answered=*/false);
   });

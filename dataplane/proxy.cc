@@ -16,7 +16,6 @@
 #include "dataplane/forwarding.h"
 #include "dataplane/response_stream.h"
 #include "dataplane/stream_relay.h"
-#include "nlohmann/json.hpp"
 
 namespace sflb {
 namespace {
@@ -36,24 +35,6 @@ v1::OutcomeKind OutcomeFor(int status) {
   }
 }
 
-// The upstream error message from a JSON error body ({"message": ...} or OpenAI's
-// {"error": {"message": ...}}), truncated; "" if none.
-std::string ErrorMessageOf(absl::string_view body) {
-  nlohmann::json parsed = nlohmann::json::parse(body.begin(), body.end(), nullptr, false);
-  std::string message;
-  if (parsed.is_object()) {
-    auto it = parsed.find("message");
-    if (it != parsed.end() && it->is_string()) message = it->get<std::string>();
-    auto err = parsed.find("error");
-    if (message.empty() && err != parsed.end() && err->is_object()) {
-      auto m = err->find("message");
-      if (m != err->end() && m->is_string()) message = m->get<std::string>();
-    }
-  }
-  if (message.size() > 512) message.resize(512);
-  return message;
-}
-
 // Reads a whole body of at most `limit` bytes. OUT_OF_RANGE when larger.
 absl::Status ReadAll(UpstreamExchange* exchange, size_t limit, std::string* out) {
   for (;;) {
@@ -63,16 +44,6 @@ absl::Status ReadAll(UpstreamExchange* exchange, size_t limit, std::string* out)
     if (out->size() + piece->size() > limit) return absl::OutOfRangeError("body too large");
     out->append(piece->data(), piece->size());
   }
-}
-
-// Tokens from a response's top-level usage object, if any.
-bool ReadUsage(const nlohmann::json& object, uint64_t* prompt, uint64_t* completion) {
-  if (!object.is_object()) return false;
-  auto usage = object.find("usage");
-  if (usage == object.end() || !usage->is_object()) return false;
-  *prompt = usage->value("prompt_tokens", uint64_t{0});
-  *completion = usage->value("completion_tokens", uint64_t{0});
-  return true;
 }
 
 // The reason phrase of a status line sflb writes itself.
@@ -229,7 +200,7 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
       auto failed = std::make_unique<Held>();
       failed->head = head;
       absl::Status read = ReadAll(exchange.get(), 64 * 1024, &failed->body);
-      std::string message = ErrorMessageOf(failed->body);
+      std::string message = ExtractErrorMessage(failed->body);
       absl::optional<absl::Duration> retry_after;
       if (const std::string* ra = head.Find("Retry-After")) retry_after = ParseRetryAfter(*ra, now);
       report(*key, OutcomeFor(head.status), head.status, message, retry_after, probe, now);
@@ -323,8 +294,7 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
       }
       uint64_t prompt = 0, completion = 0;
       // Only bodies that mention usage are worth a parse (most non-chat answers do not).
-      if (absl::StrContains(whole, "\"usage\"") &&
-          ReadUsage(nlohmann::json::parse(whole, nullptr, false), &prompt, &completion)) {
+      if (absl::StrContains(whole, "\"usage\"") && ExtractUsage(whole, &prompt, &completion)) {
         reports_->RecordTokens(key->id, prompt, completion);
         result.have_usage = true;
         result.prompt_tokens = prompt;

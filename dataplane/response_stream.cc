@@ -9,21 +9,8 @@
 #include "common/log.h"
 #include "dataplane/error_response.h"
 #include "dataplane/forwarding.h"
-#include "nlohmann/json.hpp"
 
 namespace sflb {
-namespace {
-// TEMP until forwarding's ExtractUsage lands.
-bool ExtractUsage(absl::string_view text, uint64_t* prompt, uint64_t* completion) {
-  nlohmann::json object = nlohmann::json::parse(text.begin(), text.end(), nullptr, false);
-  if (!object.is_object()) return false;
-  auto usage = object.find("usage");
-  if (usage == object.end() || !usage->is_object()) return false;
-  *prompt = usage->value("prompt_tokens", uint64_t{0});
-  *completion = usage->value("completion_tokens", uint64_t{0});
-  return true;
-}
-}  // namespace
 
 ResponseStream::ResponseStream(std::unique_ptr<UpstreamExchange> exchange,
                                std::shared_ptr<const PoolKey> key, ReportBuffer* reports,
