@@ -6,11 +6,16 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <string>
+
+#include "absl/strings/match.h"
+#include "absl/strings/string_view.h"
 
 namespace sflb {
 namespace {
@@ -67,6 +72,7 @@ class ConnectionStream final : public httplib::Stream {
   }
 
   bool is_writable() const override {
+    if (!const_cast<ConnectionStream*>(this)->FlushHead()) return false;
     short revents = 0;
     if (PollOne(fd_, POLLOUT, write_timeout_ms_, &revents) <= 0) return false;
     if ((revents & (POLLERR | POLLHUP | POLLNVAL)) != 0) return false;
@@ -77,6 +83,7 @@ class ConnectionStream final : public httplib::Stream {
 
   ssize_t read(char* ptr, size_t size) override {
     if (off_ == len_) {
+      if (!FlushHead()) return -1;  // e.g. "100 Continue" before the body is read
       off_ = len_ = 0;
       // Large reads bypass the buffer.
       const ssize_t n = size >= sizeof(buf_) ? Recv(ptr, size) : Recv(buf_, sizeof(buf_));
@@ -90,14 +97,37 @@ class ConnectionStream final : public httplib::Stream {
   }
 
   // One send(): the socket's SO_SNDTIMEO bounds a blocked write. (Handlers that stream check
-  // is_writable() themselves, through their DataSink.)
+  // is_writable() themselves, through their DataSink.) httplib writes a response head and its
+  // body separately: the head is held back and goes out with the body in one sendmsg(); it is
+  // flushed alone before any read or writability check, and after the request (FlushHead).
   ssize_t write(const char* ptr, size_t size) override {
     if (detached_) return static_cast<ssize_t>(size);  // httplib's answer is discarded
+    absl::string_view data(ptr, size);
+    if (held_.empty() && size < 16384 && absl::StartsWith(data, "HTTP/1.") &&
+        absl::EndsWith(data, "\r\n\r\n")) {
+      held_.assign(ptr, size);
+      return static_cast<ssize_t>(size);
+    }
+    if (!held_.empty()) return SendWithHead(ptr, size);
     ssize_t n;
     do {
       n = ::send(fd_, ptr, size, MSG_NOSIGNAL);
     } while (n < 0 && errno == EINTR);
     return n;
+  }
+
+  // Sends a held-back response head. False if the connection failed.
+  bool FlushHead() {
+    while (!held_.empty()) {
+      ssize_t n = ::send(fd_, held_.data(), held_.size(), MSG_NOSIGNAL);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        held_.clear();
+        return false;
+      }
+      held_.erase(0, static_cast<size_t>(n));
+    }
+    return true;
   }
 
   // Hands the connection over (see HttpServer::DetachConnection): false if bytes of a next
@@ -109,20 +139,31 @@ class ConnectionStream final : public httplib::Stream {
   }
   bool detached() const { return detached_; }
 
+  // httplib asks for both addresses on every request; they are looked up once per connection.
   void get_remote_ip_and_port(std::string& ip, int& port) const override {
-    sockaddr_storage addr{};
-    socklen_t len = sizeof(addr);
-    if (::getpeername(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-      SockaddrToIpPort(addr, ip, port);
+    if (remote_port_ < 0) {
+      sockaddr_storage addr{};
+      socklen_t len = sizeof(addr);
+      remote_port_ = 0;
+      if (::getpeername(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+        SockaddrToIpPort(addr, remote_ip_, remote_port_);
+      }
     }
+    ip = remote_ip_;
+    port = remote_port_;
   }
 
   void get_local_ip_and_port(std::string& ip, int& port) const override {
-    sockaddr_storage addr{};
-    socklen_t len = sizeof(addr);
-    if (::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-      SockaddrToIpPort(addr, ip, port);
+    if (local_port_ < 0) {
+      sockaddr_storage addr{};
+      socklen_t len = sizeof(addr);
+      local_port_ = 0;
+      if (::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+        SockaddrToIpPort(addr, local_ip_, local_port_);
+      }
     }
+    ip = local_ip_;
+    port = local_port_;
   }
 
   ::socket_t socket() const override { return fd_; }
@@ -147,10 +188,41 @@ class ConnectionStream final : public httplib::Stream {
   const int fd_;
   const int read_timeout_ms_;
   const int write_timeout_ms_;
+  // The response head plus as much of `ptr` as one sendmsg() takes; returns the bytes of
+  // `ptr` sent (the head always goes out whole first, or the call fails).
+  ssize_t SendWithHead(const char* ptr, size_t size) {
+    iovec iov[2] = {{held_.data(), held_.size()}, {const_cast<char*>(ptr), size}};
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 2;
+    ssize_t n;
+    do {
+      n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+      held_.clear();
+      return n;
+    }
+    const size_t sent = static_cast<size_t>(n);
+    if (sent >= held_.size()) {
+      const size_t body = sent - held_.size();
+      held_.clear();
+      return static_cast<ssize_t>(body);
+    }
+    held_.erase(0, sent);
+    if (!FlushHead()) return -1;
+    return 0;  // httplib writes the rest again
+  }
+
   char buf_[4096];
   size_t off_ = 0;
   size_t len_ = 0;
   bool detached_ = false;
+  std::string held_;  // a response head waiting for its body
+  mutable std::string remote_ip_;
+  mutable int remote_port_ = -1;
+  mutable std::string local_ip_;
+  mutable int local_port_ = -1;
 };
 
 // The connection the current thread is serving a request on (for DetachConnection).
@@ -326,6 +398,7 @@ bool HttpServer::ServeConnection(::socket_t sock) {
                               connection_closed, nullptr);
     t_current = CurrentConnection{};
     if (stream.detached()) return false;
+    if (!stream.FlushHead()) break;
     if (!ok || connection_closed) break;
   }
   Forget(sock);
