@@ -57,12 +57,19 @@ class ConnectionStream final : public httplib::Stream {
   ConnectionStream(int fd, int read_timeout_ms, int write_timeout_ms)
       : fd_(fd), read_timeout_ms_(read_timeout_ms), write_timeout_ms_(write_timeout_ms) {}
 
-  // Waits up to `timeout_ms` for the first byte of the next request. One blocking poll: a
-  // shutdown() from CloseConnections() wakes it. False on timeout, error or peer close.
-  bool WaitForRequest(int timeout_ms) {
+  // Waits for the first bytes of the next request, up to the socket's SO_RCVTIMEO (the
+  // keep-alive timeout), and reads them: one blocking recv(), which a shutdown() from
+  // CloseConnections() wakes. False on timeout, error or peer close.
+  bool WaitForRequest() {
     if (off_ < len_) return true;  // A pipelined request is already buffered.
-    short revents = 0;
-    return PollOne(fd_, POLLIN, timeout_ms, &revents) > 0 && (revents & POLLIN) != 0;
+    ssize_t n;
+    do {
+      n = ::recv(fd_, buf_, sizeof(buf_), 0);
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0) return false;
+    off_ = 0;
+    len_ = static_cast<size_t>(n);
+    return true;
   }
 
   bool is_readable() const override {
@@ -375,6 +382,12 @@ bool HttpServer::ServeConnection(::socket_t sock) {
   timeval send_timeout{static_cast<time_t>(write_timeout_ms / 1000),
                        static_cast<suseconds_t>((write_timeout_ms % 1000) * 1000)};
   setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof(send_timeout));
+  // At least 1 ms: a zero SO_RCVTIMEO would mean "wait forever".
+  const int keep_alive_ms = static_cast<int>(std::clamp<int64_t>(
+      int64_t{keep_alive_timeout_sec_} * 1000, 1, int64_t{24} * 3600 * 1000));
+  timeval receive_timeout{static_cast<time_t>(keep_alive_ms / 1000),
+                          static_cast<suseconds_t>((keep_alive_ms % 1000) * 1000)};
+  setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &receive_timeout, sizeof(receive_timeout));
   ConnectionStream stream(sock, TimeoutMs(read_timeout_sec_, read_timeout_usec_),
                           write_timeout_ms);
   for (size_t left = keep_alive_max_count_; left > 0; --left) {
@@ -386,7 +399,7 @@ bool HttpServer::ServeConnection(::socket_t sock) {
     }
     // A draining server finishes the request a connection was opened for, then closes it.
     if (draining && left != keep_alive_max_count_) break;
-    if (!stream.WaitForRequest(static_cast<int>(keep_alive_timeout_sec_ * 1000))) break;
+    if (!stream.WaitForRequest()) break;
     {
       MutexLock lock(&conn_mu_);
       connections_[sock] = false;
