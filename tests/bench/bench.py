@@ -405,7 +405,9 @@ http {{
                "SILICONFLOW_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
                "SFLB_CONTROLPLANE": f"127.0.0.1:{self.cp_port}",
                "SFLB_REPLICA_ID": name,
-               "SFLB_REQUEST_LOG": "true", "SFLB_LOG_LEVEL": "info"}
+               "SFLB_REQUEST_LOG": "true", "SFLB_LOG_LEVEL": "info",
+               # Metrics on, as deployed, on a free port: several replicas run side by side.
+               "SFLB_METRICS_LISTEN": "127.0.0.1:0"}
         env.update(extra_env or {})
         env.update(self.args.dp_env_map)
         cmd = (wrapper or []) + [os.path.join(self.bin, "sflb-dataplane")]
@@ -752,8 +754,9 @@ end
 
         def version(i):
             conns[i].request("GET", "/health", headers=auth)
+            # The replica's own snapshot (not the controlplane's stats it also shows).
             return int(json.loads(conns[i].getresponse().read() or b"{}").get(
-                "stats", {}).get("snapshotVersion", -1))
+                "replica", {}).get("snapshotVersion", -1))
 
         times = []
         note = ""
@@ -1106,7 +1109,7 @@ end
             # Header dump of every gRPC call, to count Lease/Report calls (not exposed).
             cp_env = {"GRPC_TRACE": "chttp2_hpack_parser", "GRPC_VERBOSITY": "DEBUG"}
         self.start_controlplane(cp_env)
-        if need_nginx or "profile" in scen:
+        if need_nginx or scen & {"profile", "control"}:
             self.start_nginx_upstream()
         if need_nginx:
             self.start_nginx_proxy()
