@@ -76,33 +76,17 @@ grpc::Status AdminServiceImpl::Reload(grpc::ServerContext* context,
   if (!auth.ok()) return auth;
   uint32_t previous = static_cast<uint32_t>(registry_->size());
   absl::StatusOr<ReloadOutcome> outcome = source_->Reload();
+  LogReload(outcome, previous, {{"peer", context->peer()}, {"reason", request->reason()}});
+  nlohmann::json details = ReloadAuditDetails(outcome, previous);
+  details["reason"] = request->reason();
+  grpc::Status audited = Audit(context, "Reload", std::move(details), "reload");
+  if (!audited.ok()) return audited;
   if (!outcome.ok()) {
-    LogWarning("reload_failed", {{"reason", std::string(outcome.status().message())},
-                                 {"peer", context->peer()},
-                                 {"keys_kept", previous}});
-    grpc::Status audited = Audit(context, "Reload",
-                                 {{"result", "failed"},
-                                  {"error", std::string(outcome.status().message())},
-                                  {"keys_kept", previous},
-                                  {"reason", request->reason()}},
-                                 "reload");
-    if (!audited.ok()) return audited;
     // Whatever the loader's code, to the caller this is "the reload could not be applied".
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                         absl::StrCat("reload failed, keeping the ", previous,
                                      " running keys: ", outcome.status().message()));
   }
-  grpc::Status audited = Audit(context, "Reload",
-                               {{"result", "ok"},
-                                {"previous", outcome->change.previous_count},
-                                {"new", outcome->change.new_count},
-                                {"added", outcome->change.added},
-                                {"removed", outcome->change.removed},
-                                {"warnings", outcome->warnings},
-                                {"source", outcome->source},
-                                {"reason", request->reason()}},
-                               "reload");
-  if (!audited.ok()) return audited;
   response->set_previous_count(outcome->change.previous_count);
   response->set_new_count(outcome->change.new_count);
   for (const std::string& fp : outcome->change.added) response->add_added(fp);
@@ -110,14 +94,6 @@ grpc::Status AdminServiceImpl::Reload(grpc::ServerContext* context,
   for (const std::string& w : outcome->warnings) response->add_warnings(w);
   response->set_source(outcome->source);
   response->set_snapshot_version(outcome->change.version);
-  LogInfo("keys_reloaded", {{"previous", outcome->change.previous_count},
-                            {"new", outcome->change.new_count},
-                            {"added", outcome->change.added},
-                            {"removed", outcome->change.removed},
-                            {"warnings", outcome->warnings},
-                            {"source", outcome->source},
-                            {"reason", request->reason()},
-                            {"peer", context->peer()}});
   return grpc::Status::OK;
 }
 

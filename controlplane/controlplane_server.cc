@@ -219,30 +219,10 @@ absl::Status RunControlplane(const ControlplaneOptions& options, const EnvLookup
 
   // One place for reloads not made through the AdminService (SIGHUP, a changed keys file).
   auto reload = [&](const std::string& trigger) {
+    const size_t running = registry.size();
     absl::StatusOr<ReloadOutcome> outcome = source.Reload();
-    if (outcome.ok()) {
-      LogInfo("keys_reloaded", {{"trigger", trigger},
-                                {"previous", outcome->change.previous_count},
-                                {"new", outcome->change.new_count},
-                                {"added", outcome->change.added},
-                                {"removed", outcome->change.removed},
-                                {"warnings", outcome->warnings}});
-      audit_event("reload", trigger,
-                  {{"result", "ok"},
-                   {"previous", outcome->change.previous_count},
-                   {"new", outcome->change.new_count},
-                   {"added", outcome->change.added},
-                   {"removed", outcome->change.removed},
-                   {"warnings", outcome->warnings},
-                   {"source", outcome->source}});
-    } else {
-      LogWarning("reload_failed",
-                 {{"trigger", trigger}, {"reason", std::string(outcome.status().message())}});
-      audit_event("reload", trigger,
-                  {{"result", "failed"},
-                   {"error", std::string(outcome.status().message())},
-                   {"keys_kept", registry.size()}});
-    }
+    LogReload(outcome, running, {{"trigger", trigger}});
+    audit_event("reload", trigger, ReloadAuditDetails(outcome, running));
   };
 
   grpc::EnableDefaultHealthCheckService(true);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "nlohmann/json.hpp"
 #include "common/keys_file.h"
 #include "common/mutex.h"
 #include "common/options.h"
@@ -19,6 +20,19 @@ struct ReloadOutcome {
   std::vector<std::string> warnings;  // from parsing; never contain keys
   std::string source;
 };
+
+// What an audit entry records about a reload: "result": "ok" with the counts, the added and
+// removed fingerprints (all of them), the warnings and the source; or "result": "failed" with
+// the error and the number of running keys kept (`keys_kept`).
+nlohmann::json ReloadAuditDetails(const absl::StatusOr<ReloadOutcome>& outcome, size_t keys_kept);
+
+// Logs a reload ("keys_reloaded", or "reload_failed" as a warning) with `context` (who asked:
+// trigger, peer, reason). The fingerprint lists are cut to their first kLoggedFingerprints, with
+// the full counts beside them: a 10,000-key reload would otherwise be one 150 KB log line (the
+// audit entry keeps them all).
+inline constexpr size_t kLoggedFingerprints = 20;
+void LogReload(const absl::StatusOr<ReloadOutcome>& outcome, size_t keys_kept,
+               nlohmann::json context);
 
 // Thread-safe: reloads are serialised so two concurrent reloads cannot interleave.
 class KeySource {
