@@ -305,6 +305,8 @@ class StreamRelay::Loop {
                          MSG_NOSIGNAL | MSG_DONTWAIT);
       if (n > 0) {
         r->out_off += static_cast<size_t>(n);
+        // The client is reading: the write timeout counts from its last progress.
+        if (r->write_blocked_since != absl::InfiniteFuture()) r->write_blocked_since = absl::Now();
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
