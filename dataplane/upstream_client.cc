@@ -1060,22 +1060,35 @@ void UpstreamExchange::Cancel() { cancel_->Cancel(); }
 
 absl::StatusOr<absl::string_view> UpstreamExchange::ReadSome(
     const std::function<bool()>& should_abort) {
+  return ReadPiece(&should_abort, nullptr);
+}
+
+absl::StatusOr<absl::string_view> UpstreamExchange::TryReadSome(Wait* wait) {
+  *wait = Wait::kNone;
+  return ReadPiece(nullptr, wait);
+}
+
+absl::StatusOr<absl::string_view> UpstreamExchange::ReadPiece(
+    const std::function<bool()>* should_abort, Wait* wait) {
   static constexpr absl::string_view kPhase = "upstream body";
   if (body_done_) return absl::string_view();
   if (failed_) return absl::FailedPreconditionError("upstream body: exchange already failed");
   if (cancel_->cancelled()) return Fail(upstream_internal::CancelledIn(kPhase));
-  WaitCtx ctx{&should_abort, cancel_.get(), shared_->options.abort_poll_interval};
+  WaitCtx ctx{should_abort, cancel_.get(), shared_->options.abort_poll_interval};
+  const absl::Duration timeout = shared_->options.idle_timeout;
   while (true) {
     absl::string_view piece;
     absl::Status st = UpstreamExchangeIo::DecodeBuffered(this, &piece);
     if (!st.ok()) return Fail(st);
     if (!piece.empty()) return piece;
     if (body_done_) return absl::string_view();
-    const absl::Duration timeout = shared_->options.idle_timeout;
-    absl::StatusOr<size_t> n =
-        UpstreamExchangeIo::ReadMore(this, absl::Now() + timeout, ctx, kPhase, timeout);
+    absl::StatusOr<size_t> n = UpstreamExchangeIo::ReadMore(
+        this, wait == nullptr ? absl::Now() + timeout : absl::InfiniteFuture(), ctx, kPhase,
+        timeout, wait);
     if (!n.ok()) return Fail(n.status());
-    if (*n == 0) return AtEof();
+    if (*n > 0) continue;
+    if (wait != nullptr && *wait != Wait::kNone) return absl::string_view();  // nothing yet
+    return AtEof();
   }
 }
 
@@ -1089,28 +1102,6 @@ absl::StatusOr<absl::string_view> UpstreamExchange::AtEof() {
           ? absl::StrCat("upstream body: connection closed with ", remaining_, " of ",
                          head_.content_length, " body bytes missing")
           : "upstream body: connection closed before the last chunk"));
-}
-
-absl::StatusOr<absl::string_view> UpstreamExchange::TryReadSome(Wait* wait) {
-  static constexpr absl::string_view kPhase = "upstream body";
-  *wait = Wait::kNone;
-  if (body_done_) return absl::string_view();
-  if (failed_) return absl::FailedPreconditionError("upstream body: exchange already failed");
-  if (cancel_->cancelled()) return Fail(upstream_internal::CancelledIn(kPhase));
-  WaitCtx ctx{nullptr, cancel_.get(), shared_->options.abort_poll_interval};
-  while (true) {
-    absl::string_view piece;
-    absl::Status st = UpstreamExchangeIo::DecodeBuffered(this, &piece);
-    if (!st.ok()) return Fail(st);
-    if (!piece.empty()) return piece;
-    if (body_done_) return absl::string_view();
-    absl::StatusOr<size_t> n = UpstreamExchangeIo::ReadMore(
-        this, absl::InfiniteFuture(), ctx, kPhase, shared_->options.idle_timeout, wait);
-    if (!n.ok()) return Fail(n.status());
-    if (*n > 0) continue;
-    if (*wait != Wait::kNone) return absl::string_view();
-    return AtEof();
-  }
 }
 
 int UpstreamExchange::fd() const { return conn_ == nullptr ? -1 : conn_->fd; }

@@ -178,6 +178,9 @@ class UpstreamExchange {
   absl::Status Fail(absl::Status status);
   // The connection ended: the body's end (until-close framing) or an error.
   absl::StatusOr<absl::string_view> AtEof();
+  // ReadSome (wait == null: blocks, polling should_abort) or TryReadSome (never blocks).
+  absl::StatusOr<absl::string_view> ReadPiece(const std::function<bool()>* should_abort,
+                                              Wait* wait);
 
   std::shared_ptr<upstream_internal::Shared> shared_;
   std::shared_ptr<CancelToken> cancel_;  // declared before conn_: the connection refers to it
