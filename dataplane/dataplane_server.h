@@ -47,7 +47,8 @@ struct DataplaneOptions {
   int64_t max_attempts = 3;
   // Largest request body accepted; larger gets 413.
   int64_t max_body_bytes = 32 * 1024 * 1024;
-  // Most connections served at once (one thread each); more wait in a queue.
+  // Most requests served at once (one thread each, until a stream moves to the relay); more
+  // wait in a queue.
   int64_t max_connections = 16384;
   int64_t relay_threads = 2;
   // Client socket timeouts: reading a request, writing a response piece, idle keep-alive.

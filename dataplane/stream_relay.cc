@@ -70,15 +70,19 @@ void AppendChunk(absl::string_view data, std::string* out) {
 
 class StreamRelay::Loop {
  public:
-  Loop(StreamRelay* relay) : relay_(relay) {
+  explicit Loop(StreamRelay* relay) : relay_(relay) {
     epfd_ = ::epoll_create1(EPOLL_CLOEXEC);
     wakefd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (epfd_ >= 0 && wakefd_ >= 0) {
-      epoll_event ev{};
-      ev.events = EPOLLIN;
-      ev.data.u64 = 0;
-      ::epoll_ctl(epfd_, EPOLL_CTL_ADD, wakefd_, &ev);
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = 0;
+    if (epfd_ < 0 || wakefd_ < 0 || ::epoll_ctl(epfd_, EPOLL_CTL_ADD, wakefd_, &ev) != 0) {
+      // Out of descriptors at start-up: this loop takes no streams (Adopt declines, streams
+      // keep their request thread).
+      LogError("relay_loop_unavailable", {{"errno", errno}});
+      return;
     }
+    ok_ = true;
     thread_ = std::thread([this] { Run(); });
   }
   ~Loop() {
@@ -87,7 +91,7 @@ class StreamRelay::Loop {
     if (epfd_ >= 0) ::close(epfd_);
   }
 
-  bool ok() const { return epfd_ >= 0 && wakefd_ >= 0; }
+  bool ok() const { return ok_; }
 
   void Add(std::unique_ptr<Relayed> r) {
     {
@@ -427,6 +431,7 @@ class StreamRelay::Loop {
   StreamRelay* const relay_;
   int epfd_ = -1;
   int wakefd_ = -1;
+  bool ok_ = false;
   std::thread thread_;
   Mutex mu_;
   std::vector<std::unique_ptr<Relayed>> incoming_ ABSL_GUARDED_BY(mu_);
