@@ -13,6 +13,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/e2e/test_cluster.h"
@@ -26,10 +27,14 @@ using ::testing::HasSubstr;
 // exactly what crosses the wire, connection reuse included.
 class RawConnection {
  public:
-  explicit RawConnection(int port) {
+  // `receive_buffer` > 0 shrinks the socket's receive buffer (a slow reader fills it fast).
+  explicit RawConnection(int port, int receive_buffer = 0) {
     fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
     timeval tv{10, 0};
     setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (receive_buffer > 0) {
+      setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &receive_buffer, sizeof(receive_buffer));
+    }
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
     addr.sin_port = htons(static_cast<uint16_t>(port));
@@ -106,13 +111,15 @@ class RawConnection {
   std::string buf_;
 };
 
-std::string ChatRequest(bool stream, const std::string& connection = "keep-alive") {
+std::string ChatRequest(bool stream, const std::string& connection = "keep-alive",
+                        int chunks = 5, int delay_ms = 20) {
   std::string body = absl::StrCat(R"({"model":"Qwen/Qwen2.5-7B-Instruct","stream":)",
                                   stream ? "true" : "false", R"(,"messages":[]})");
   return absl::StrCat("POST /v1/chat/completions HTTP/1.1\r\nHost: sflb\r\n",
                       "Authorization: Bearer ", kUserKey, "\r\n",
-                      "Content-Type: application/json\r\n", "x-fake-chunks: 5\r\n",
-                      "x-fake-chunk-delay-ms: 20\r\n", "Connection: ", connection, "\r\n",
+                      "Content-Type: application/json\r\n", "x-fake-chunks: ", chunks, "\r\n",
+                      "x-fake-chunk-delay-ms: ", delay_ms, "\r\n", "Connection: ", connection,
+                      "\r\n",
                       "Content-Length: ", body.size(), "\r\n\r\n", body);
 }
 
@@ -175,6 +182,29 @@ TEST_P(StreamConnectionTest, PipelinedRequestAfterAStreamIsServed) {
   ASSERT_TRUE(conn.ReadResponse(&head, &body));
   EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
   EXPECT_THAT(body, HasSubstr("\"usage\""));
+}
+
+TEST_P(StreamConnectionTest, SlowReaderGetsEveryEventInOrder) {
+  // 30,000 events sent back to back (~9 MB) to a client that reads nothing for a second: far
+  // more than the socket buffers and the relay's 256 KiB backlog hold, so the relay has to
+  // pause reading the upstream and resume it as the client catches up, losing nothing.
+  constexpr int kChunks = 30000;
+  RawConnection conn(cluster_.dataplane_port(0), /*receive_buffer=*/4096);
+  ASSERT_TRUE(conn.connected());
+  ASSERT_TRUE(conn.Send(ChatRequest(true, "keep-alive", kChunks, 0)));
+  absl::SleepFor(absl::Seconds(1));
+  std::string head, body;
+  ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  EXPECT_TRUE(absl::EndsWith(body, "data: [DONE]\n\n"));
+  size_t pos = 0;
+  for (int i = 0; i < kChunks; ++i) {
+    pos = body.find(absl::StrCat("\"x_fake_chunk_index\":", i, "}"), pos);
+    ASSERT_NE(pos, std::string::npos) << "event " << i << " missing or out of order";
+  }
+  // The connection is still good for the next request.
+  ASSERT_TRUE(conn.Send(ChatRequest(false)));
+  ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
 }
 
 INSTANTIATE_TEST_SUITE_P(RelayAndThreadPerStream, StreamConnectionTest,
