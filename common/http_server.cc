@@ -81,11 +81,10 @@ class ConnectionStream final : public httplib::Stream {
   bool is_writable() const override {
     if (!const_cast<ConnectionStream*>(this)->FlushHead()) return false;
     short revents = 0;
-    if (PollOne(fd_, POLLOUT, write_timeout_ms_, &revents) <= 0) return false;
-    if ((revents & (POLLERR | POLLHUP | POLLNVAL)) != 0) return false;
-    // The peer closed its side (or reset): it will read nothing more.
-    return PollOne(fd_, POLLRDHUP, 0, &revents) == 0 ||
-           (revents & (POLLRDHUP | POLLERR | POLLHUP)) == 0;
+    // One poll: writable, and the peer has not closed its side (it would read nothing more).
+    if (PollOne(fd_, POLLOUT | POLLRDHUP, write_timeout_ms_, &revents) <= 0) return false;
+    return (revents & POLLOUT) != 0 &&
+           (revents & (POLLRDHUP | POLLERR | POLLHUP | POLLNVAL)) == 0;
   }
 
   ssize_t read(char* ptr, size_t size) override {
@@ -325,16 +324,19 @@ int HttpServer::DetachConnection() {
 
 void HttpServer::ResumeConnection(int fd) {
   SetBlocking(fd);
-  MutexLock lock(&conn_mu_);
-  if (queue_ == nullptr || closing_) {
-    connections_.erase(fd);
-    conn_cv_.SignalAll();
-    ::shutdown(fd, SHUT_RDWR);
-    ::close(fd);
+  httplib::TaskQueue* queue;
+  {
+    MutexLock lock(&conn_mu_);
+    queue = closing_ ? nullptr : queue_;
+    if (queue != nullptr) connections_[fd] = true;
+  }
+  if (queue == nullptr) {
+    CloseDetached(fd);
     return;
   }
-  connections_[fd] = true;
-  queue_->enqueue([this, fd] {
+  // Outside the lock (enqueue may start a thread). Safe: while `fd` is in connections_, the
+  // queue's shutdown waits, so `queue` outlives this call.
+  queue->enqueue([this, fd] {
     if (ServeConnection(fd)) ::close(fd);
   });
 }

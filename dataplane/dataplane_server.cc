@@ -6,6 +6,7 @@
 #include <atomic>
 #include <memory>
 #include <thread>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -282,7 +283,7 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
 
   // Everything else is the SiliconFlow API.
   server.set_logger([dp](const httplib::Request& req, const httplib::Response& res) {
-    if (g_forwarded) return;
+    if (std::exchange(g_forwarded, false)) return;
     dp->metrics.RecordRequest(DataplaneMetrics::RouteLabelView(req.path), res.status,
                               absl::Now() - g_request_started, absl::ZeroDuration(),
                               /*upstream_answered=*/false);

@@ -108,7 +108,6 @@ class StreamRelay::Loop {
     // The loop has ended (process shutdown): cut the stream here.
     r->stream->record().stream_end = "server_shutdown";
     r->stream.reset();
-    relay_->active_.fetch_sub(1, std::memory_order_relaxed);
     relay_->server_->CloseDetached(r->client_fd);
   }
 
@@ -134,7 +133,7 @@ class StreamRelay::Loop {
     absl::Time next_tick = absl::Now() + relay_->options_.tick;
     for (;;) {
       int n = ::epoll_wait(epfd_, events.data(), static_cast<int>(events.size()),
-                           std::max(1, tick_ms));
+                           again_.empty() ? std::max(1, tick_ms) : 0);
       if (n < 0 && errno != EINTR) {
         LogError("relay_epoll_failed", {{"errno", errno}});
         absl::SleepFor(relay_->options_.tick);
@@ -164,6 +163,13 @@ class StreamRelay::Loop {
         ready.swap(ready_);
         for (Relayed* r : ready) {
           if (streams_.count(r) != 0 && r->phase == Phase::kStreaming) ReadUpstream(r);
+        }
+      }
+      std::vector<Relayed*> again;
+      again.swap(again_);
+      for (Relayed* r : again) {
+        if (streams_.count(r) != 0 && r->phase == Phase::kStreaming && !r->upstream_paused) {
+          ReadUpstream(r);
         }
       }
       std::vector<std::unique_ptr<Relayed>> incoming;
@@ -225,7 +231,7 @@ class StreamRelay::Loop {
 
   void OnClient(Relayed* r, uint32_t events) {
     if (r->phase == Phase::kIdle) {
-      if ((events & EPOLLIN) != 0) {
+      if ((events & (EPOLLHUP | EPOLLERR)) == 0 && (events & EPOLLIN) != 0) {
         Resume(r);
       } else {
         Close(r);  // hung up or reset while idle
@@ -242,7 +248,13 @@ class StreamRelay::Loop {
   // Reads what the upstream has, queues it for the client and sends it.
   void ReadUpstream(Relayed* r) {
     UpstreamExchange* ex = r->stream->exchange();
-    for (int i = 0; i < kMaxReadsPerWake; ++i) {
+    for (int reads = 0;; ++reads) {
+      if (reads == kMaxReadsPerWake) {
+        // The exchange may hold more already decoded or inside TLS, which no epoll event
+        // would announce: read on in the next round, after the other streams.
+        again_.push_back(r);
+        break;
+      }
       if (r->pending() >= relay_->options_.max_pending_bytes) {
         SetUpstreamPaused(r, true);
         break;
@@ -317,6 +329,12 @@ class StreamRelay::Loop {
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
         if (r->write_blocked_since == absl::InfiniteFuture()) r->write_blocked_since = absl::Now();
         SetClientEvents(r, EPOLLRDHUP | EPOLLOUT);
+        // Drop what was sent, so a client that stays a little behind does not make `out`
+        // hold the whole stream.
+        if (r->out_off >= 64 * 1024) {
+          r->out.erase(0, r->out_off);
+          r->out_off = 0;
+        }
         return true;
       }
       ClientGone(r);
@@ -363,7 +381,6 @@ class StreamRelay::Loop {
     if (r->stream != nullptr) {
       r->stream->Finish();
       r->stream.reset();
-      relay_->active_.fetch_sub(1, std::memory_order_relaxed);
     }
   }
 
@@ -388,7 +405,6 @@ class StreamRelay::Loop {
   // The client sent its next request: back to the server.
   void Resume(Relayed* r) {
     ::epoll_ctl(epfd_, EPOLL_CTL_DEL, r->client_fd, nullptr);
-    relay_->server_->SetDetachedIdle(r->client_fd, false);
     relay_->server_->ResumeConnection(r->client_fd);
     streams_.erase(r);
   }
@@ -439,6 +455,7 @@ class StreamRelay::Loop {
   // Loop thread only.
   std::unordered_map<Relayed*, std::unique_ptr<Relayed>> streams_;
   std::vector<Relayed*> ready_;
+  std::vector<Relayed*> again_;  // streams that stopped at kMaxReadsPerWake
 };
 
 StreamRelay::StreamRelay(StreamRelayOptions options, HttpServer* server,
@@ -468,7 +485,6 @@ bool StreamRelay::Adopt(std::unique_ptr<ResponseStream>& stream, std::string hea
   r->upstream_fd = upstream_fd;
   r->keep_alive = keep_alive;
   r->out = std::move(head);
-  active_.fetch_add(1, std::memory_order_relaxed);
   loop->Add(std::move(r));
   return true;
 }

@@ -62,9 +62,6 @@ class StreamRelay {
   // taken or written, when the connection cannot be detached; the caller then streams itself.
   bool Adopt(std::unique_ptr<ResponseStream>& stream, std::string head, bool keep_alive);
 
-  // Streams being relayed right now (idle keep-alive connections not counted).
-  size_t active_streams() const { return active_.load(std::memory_order_relaxed); }
-
   // Ends every stream and connection the relay holds (streams are cut, their records say
   // "server_shutdown") and joins the loop threads. Idempotent. For the end of the process,
   // after the server has stopped listening and draining.
@@ -78,7 +75,6 @@ class StreamRelay {
   const std::function<bool()> aborting_;
   std::vector<std::unique_ptr<Loop>> loops_;
   std::atomic<size_t> next_loop_{0};
-  std::atomic<size_t> active_{0};
   std::atomic<bool> stopped_{false};
 };
 
