@@ -123,9 +123,26 @@ void ControlplaneLink::WatchLoop() {
                   {"serving_from", was_connected ? "last snapshot" : "nothing yet"}});
       logged_down = true;
     }
-    SleepUnlessStopping(Jittered(backoff));
+    if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+      // Not reachable: retry as soon as the channel is connected again (its own reconnect
+      // backoff is at most 2 s) rather than after a blind sleep that stacks on top of it.
+      SleepUnlessStopping(Jittered(kMinBackoff));
+      WaitForChannelUnlessStopping(backoff);
+    } else {
+      SleepUnlessStopping(Jittered(backoff));
+    }
     backoff = std::min(backoff * 2, kMaxBackoff);
   }
+}
+
+bool ControlplaneLink::WaitForChannelUnlessStopping(absl::Duration limit) {
+  absl::Time deadline = absl::Now() + limit;
+  // Slices keep Stop() prompt: WaitForConnected itself cannot be interrupted.
+  while (!stopping_.load() && absl::Now() < deadline) {
+    absl::Time slice = std::min(deadline, absl::Now() + absl::Milliseconds(100));
+    if (channel_->WaitForConnected(absl::ToChronoTime(slice))) return true;
+  }
+  return false;
 }
 
 void ControlplaneLink::LeaseLoop() {

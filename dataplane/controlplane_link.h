@@ -1,7 +1,9 @@
 // ControlplaneLink: the dataplane's three background loops towards the controlplane.
 //
 //  - watch:  keeps a Watch stream open, applies snapshots and deltas to the KeyPool, and
-//            reconnects with jittered exponential backoff (100 ms .. 5 s) when it breaks.
+//            reconnects with jittered exponential backoff (100 ms .. 5 s) when it breaks;
+//            while the controlplane is unreachable it retries as soon as the channel
+//            reconnects (within the backoff).
 //  - lease:  refills the KeyPool's lease queue ahead of need; also the watch stream's
 //            watchdog (cancels a stream silent for 3 heartbeats).
 //  - report: ships the ReportBuffer every `report_interval`, at once for failures.
@@ -66,6 +68,9 @@ class ControlplaneLink {
   void Authorize(grpc::ClientContext* context) const;
   // Sleeps up to `d`, returning early (false) when stopping.
   bool SleepUnlessStopping(absl::Duration d);
+  // Waits up to `limit` for the channel to be connected (asking it to connect); false when
+  // the limit passed or the link is stopping.
+  bool WaitForChannelUnlessStopping(absl::Duration limit);
 
   const Options options_;
   KeyPool* const pool_;
