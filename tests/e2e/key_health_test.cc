@@ -212,7 +212,7 @@ TEST_F(KeyHealthTest, RetryAfterAndMessageDeriveTheCooldown) {
 
 TEST_F(KeyHealthTest, HalfOpenProbeReopensTheScopeWithoutAStampede) {
   ClusterOptions options;
-  options.controlplane_env = {{"SFLB_DEFAULT_COOLDOWN", "1s"}, {"SFLB_PROBE_TIMEOUT", "2s"}};
+  options.controlplane_env = {{"SFLB_DEFAULT_COOLDOWN", "1s"}, {"SFLB_PROBE_TIMEOUT", "5s"}};
   StartCluster(2, options);
   // team-b's only key is limited exactly once.
   AddFault(2, kModelA, 429, 1, nlohmann::json::object(),
@@ -220,7 +220,8 @@ TEST_F(KeyHealthTest, HalfOpenProbeReopensTheScopeWithoutAStampede) {
   for (int i = 0; i < 8; ++i) ASSERT_TRUE(Chat(i % 2, kModelA));
   ASSERT_FALSE(WaitForBlock([](const nlohmann::json& x) { return x["account"] == "team-b"; }).is_null());
   uint64_t mark = cluster_.FakeRequests().back()["seq"].get<uint64_t>();
-  // From now on team-b answers slowly, so its probe stays in flight for 1.5 s.
+  // From now on team-b answers slowly, so its probe stays in flight for 1.5 s (well inside the
+  // 5 s probe timeout, so a loaded machine cannot time the probe out and let a second one in).
   cluster_.AddFault({{"key", keys_[2]}, {"model", "*"}, {"action", "latency"},
                      {"delay_ms", 1500}, {"times", -1}});
   // Concurrent traffic on both replicas until the block is gone.
