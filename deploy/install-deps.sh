@@ -20,6 +20,8 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   # HTTP server/client (built with OpenSSL), TLS, JSON, abseil, metrics.
   libcpp-httplib-dev libssl-dev nlohmann-json3-dev libabsl-dev prometheus-cpp-dev
+  # Allocator of the server binaries outside sanitizer builds (see SFLB_JEMALLOC).
+  libjemalloc-dev
   # Tests.
   libgtest-dev libgmock-dev
   # Scripts: deploy/run-local.sh uses curl (readiness checks) and openssl (random keys);
