@@ -4,9 +4,11 @@
 
 #include <atomic>
 #include <cerrno>
+#include <thread>
 
 #include "absl/strings/ascii.h"
 #include "absl/time/clock.h"
+#include "common/mutex.h"
 #include "common/time_format.h"
 
 namespace sflb {
@@ -26,7 +28,103 @@ const char* LevelName(LogLevel level) {
   return "info";
 }
 
+// The buffer behind WriteBufferedLogLine. One instance for the process, never destroyed (a
+// line may be written while the process exits).
+class LogBuffer {
+ public:
+  void Start(absl::Duration interval) {
+    if (interval <= absl::ZeroDuration()) return;
+    MutexLock lock(&mu_);
+    if (on_) return;
+    on_ = true;
+    stop_ = false;
+    interval_ = interval;
+    thread_ = std::thread([this] { FlushLoop(); });
+  }
+
+  void Stop() {
+    std::thread thread;
+    {
+      MutexLock lock(&mu_);
+      if (!on_) return;
+      on_ = false;  // from now on lines are written at once
+      stop_ = true;
+      wake_.SignalAll();
+      thread = std::move(thread_);
+    }
+    thread.join();
+    Flush();  // what arrived between the thread's last flush and `on_ = false`
+  }
+
+  // False when buffering is off: the caller writes the line itself.
+  bool Add(absl::string_view line) {
+    bool flush_here = false;
+    {
+      MutexLock lock(&mu_);
+      if (!on_) return false;
+      pending_.append(line.data(), line.size());
+      if (pending_.size() >= kSoonBytes) wake_.Signal();
+      // The writer thread cannot keep up: the producer writes, which bounds the memory.
+      flush_here = pending_.size() >= kMaxBytes;
+    }
+    if (flush_here) Flush();
+    return true;
+  }
+
+ private:
+  static constexpr size_t kSoonBytes = 64 * 1024;
+  static constexpr size_t kMaxBytes = 4 * 1024 * 1024;
+
+  void FlushLoop() {
+    for (;;) {
+      {
+        MutexLock lock(&mu_);
+        if (stop_) return;
+        if (pending_.size() < kSoonBytes) wake_.WaitWithTimeout(&mu_, interval_);
+        if (stop_) return;
+      }
+      Flush();
+    }
+  }
+
+  // Writes what is pending. Chunks are taken and written under write_mu_, so they come out in
+  // the order their lines were added.
+  void Flush() {
+    MutexLock write_lock(&write_mu_);
+    {
+      MutexLock lock(&mu_);
+      if (pending_.empty()) return;
+      writing_.swap(pending_);
+    }
+    WriteRawLogLine(writing_);
+    writing_.clear();
+  }
+
+  Mutex write_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  std::string writing_ ABSL_GUARDED_BY(write_mu_);
+  Mutex mu_;
+  CondVar wake_;
+  bool on_ ABSL_GUARDED_BY(mu_) = false;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Duration interval_ ABSL_GUARDED_BY(mu_);
+  std::string pending_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_ ABSL_GUARDED_BY(mu_);
+};
+
+LogBuffer& TheLogBuffer() {
+  static LogBuffer* buffer = new LogBuffer();
+  return *buffer;
+}
+
 }  // namespace
+
+void StartLogBuffering(absl::Duration flush_interval) { TheLogBuffer().Start(flush_interval); }
+
+void StopLogBuffering() { TheLogBuffer().Stop(); }
+
+void WriteBufferedLogLine(absl::string_view line) {
+  if (!TheLogBuffer().Add(line)) WriteRawLogLine(line);
+}
 
 void SetLogComponent(std::string component) { *g_component = std::move(component); }
 

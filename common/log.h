@@ -12,6 +12,7 @@
 #include <string>
 
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "nlohmann/json.hpp"
 
 namespace sflb {
@@ -45,6 +46,21 @@ inline void LogError(absl::string_view event, const nlohmann::json& fields = nul
 void WriteLogLine(const nlohmann::ordered_json& object);
 // Writes a complete line (JSON object and '\n') with one write(2). The caller escaped it.
 void WriteRawLogLine(absl::string_view line);
+
+// Buffered lines, for logs written once per request: instead of one write(2) per line, lines
+// are collected in order and written together by a background thread at least every
+// `flush_interval` (sooner once 64 KiB are pending), which takes a syscall off every request.
+// Lines still pending when the process dies without StopLogBuffering() are lost; lines of
+// other log calls may come out ahead of buffered lines written before them (each has its ts).
+//
+// StartLogBuffering: a zero interval, or never calling it, writes each line at once. Call at
+// most once per StopLogBuffering, before other threads log.
+void StartLogBuffering(absl::Duration flush_interval);
+// Writes everything pending and ends the background thread; later lines are written at once.
+// Idempotent.
+void StopLogBuffering();
+// Like WriteRawLogLine, through the buffer while buffering is on. Thread-safe.
+void WriteBufferedLogLine(absl::string_view line);
 // Appends `value` as a JSON string literal (quotes included), escaping quotes, backslashes and
 // control characters; invalid UTF-8 bytes become U+FFFD so the line stays valid JSON.
 void AppendJsonString(absl::string_view value, std::string* out);

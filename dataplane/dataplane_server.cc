@@ -425,6 +425,8 @@ void RegisterDataplaneOptions(OptionParser* parser, DataplaneOptions* o) {
                     "Log level: debug, info, warning, error");
   parser->AddBool("request-log", "SFLB_REQUEST_LOG", &o->request_log,
                   "Write one JSON log line per request");
+  parser->AddDuration("request-log-flush", "SFLB_REQUEST_LOG_FLUSH", &o->request_log_flush,
+                      "Write request-log lines in batches at least this often (0: each at once)");
 }
 
 absl::Status ValidateDataplaneOptions(const DataplaneOptions& o) {
@@ -451,6 +453,10 @@ absl::Status ValidateDataplaneOptions(const DataplaneOptions& o) {
   LogLevel level;
   if (!ParseLogLevel(o.log_level, &level)) {
     return absl::InvalidArgumentError(absl::StrCat("SFLB_LOG_LEVEL: unknown level '", o.log_level, "'"));
+  }
+  if (o.request_log_flush > absl::Seconds(10)) {
+    return absl::InvalidArgumentError(
+        "SFLB_REQUEST_LOG_FLUSH: at most 10s (pending request-log lines are lost on a crash)");
   }
   return absl::OkStatus();
 }
@@ -547,6 +553,8 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
   // httplib listens with a backlog of 5: a burst of connects would see SYNs dropped.
   if (!server.RaiseBacklog(4096)) LogWarning("listen_backlog_not_raised");
   dp->link->Start();
+  // From here on the only way out is the end of this function, which flushes.
+  StartLogBuffering(options.request_log_flush);
   LogInfo("listening", {{"address", absl::StrCat(options.host, ":", port)},
                         {"port", port},
                         {"upstream", endpoint->Origin() + endpoint->base_path},
@@ -601,6 +609,7 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
   listener.join();
   if (relay != nullptr) relay->Stop();
   dp->link->Stop();
+  StopLogBuffering();
   LogInfo("stopped");
   return absl::OkStatus();
 }

@@ -68,6 +68,8 @@ struct DataplaneOptions {
   // Log level and whether to write one log line per request.
   std::string log_level = "info";
   bool request_log = true;
+  // Request-log lines are written together at least this often (0: each at once).
+  absl::Duration request_log_flush = absl::Milliseconds(200);
 };
 
 // Declares every dataplane setting on `parser`, bound to `options`.

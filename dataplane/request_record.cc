@@ -64,7 +64,7 @@ RequestRecord::~RequestRecord() {
   }
   if (!stream_end.empty()) str("stream_end", stream_end);
   line += "}\n";
-  WriteRawLogLine(line);
+  WriteBufferedLogLine(line);
 }
 
 std::string NewRequestId() {

@@ -429,6 +429,11 @@ TEST_F(CoreTest, DataplaneRefusesToStartWithoutDistinctKeys) {
   EXPECT_EQ(help.exit_code, 0);
   EXPECT_THAT(help.out, HasSubstr("SILICONFLOW_BASE_URL"));
   EXPECT_THAT(help.out, HasSubstr("SFLB_CONTROLPLANE"));
+  CommandResult slow_log = RunCommand(
+      SFLB_DATAPLANE_BIN, {},
+      {{"LB_API_KEY", "a"}, {"LB_ADMIN_KEY", "b"}, {"SFLB_REQUEST_LOG_FLUSH", "1m"}});
+  EXPECT_EQ(slow_log.exit_code, 2);
+  EXPECT_THAT(slow_log.err, HasSubstr("SFLB_REQUEST_LOG_FLUSH: at most 10s"));
 }
 
 TEST_F(CoreTest, SflbctlStatsKeysAndErrors) {
