@@ -28,6 +28,26 @@ const char* LevelName(LogLevel level) {
   return "info";
 }
 
+// Every write to stderr holds this: a batch of lines is larger than a pipe writes atomically
+// (4 KiB), and another thread's line must not land inside it.
+Mutex& StderrMutex() {
+  static Mutex* mu = new Mutex();
+  return *mu;
+}
+
+// Writes all of `data` to stderr; the caller holds StderrMutex().
+void WriteAllToStderr(absl::string_view data) {
+  const char* p = data.data();
+  size_t left = data.size();
+  while (left > 0) {
+    ssize_t n = ::write(STDERR_FILENO, p, left);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;  // stderr gone: nothing sensible to do
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+}
+
 // The buffer behind WriteBufferedLogLine. One instance for the process, never destroyed (a
 // line may be written while the process exits).
 class LogBuffer {
@@ -87,22 +107,21 @@ class LogBuffer {
     }
   }
 
-  // Writes what is pending. Chunks are taken and written under write_mu_, so they come out in
-  // the order their lines were added.
+  // Writes what is pending. Chunks are taken and written under the stderr mutex, so they come
+  // out whole and in the order their lines were added.
   void Flush() {
-    MutexLock write_lock(&write_mu_);
+    MutexLock write_lock(&StderrMutex());
     {
       MutexLock lock(&mu_);
       if (pending_.empty()) return;
       writing_.swap(pending_);
     }
-    WriteRawLogLine(writing_);
+    WriteAllToStderr(writing_);
     writing_.clear();
   }
 
-  Mutex write_mu_ ABSL_ACQUIRED_BEFORE(mu_);
-  std::string writing_ ABSL_GUARDED_BY(write_mu_);
-  Mutex mu_;
+  std::string writing_;  // only touched under StderrMutex()
+  Mutex mu_;  // taken after StderrMutex(), never before
   CondVar wake_;
   bool on_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
@@ -167,15 +186,8 @@ void AppendJsonString(absl::string_view value, std::string* out) {
 }
 
 void WriteRawLogLine(absl::string_view line) {
-  const char* data = line.data();
-  size_t left = line.size();
-  while (left > 0) {
-    ssize_t n = ::write(STDERR_FILENO, data, left);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return;  // stderr gone: nothing sensible to do
-    data += n;
-    left -= static_cast<size_t>(n);
-  }
+  MutexLock lock(&StderrMutex());
+  WriteAllToStderr(line);
 }
 
 void LogEvent(LogLevel level, absl::string_view event, const nlohmann::json& fields) {

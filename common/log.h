@@ -44,7 +44,8 @@ inline void LogError(absl::string_view event, const nlohmann::json& fields = nul
 
 // Writes an already-built JSON object as one line (request logs build their own objects).
 void WriteLogLine(const nlohmann::ordered_json& object);
-// Writes a complete line (JSON object and '\n') with one write(2). The caller escaped it.
+// Writes a complete line (JSON object and '\n') with one write(2) under the process's stderr
+// lock, so it never lands inside another line or batch. The caller escaped it.
 void WriteRawLogLine(absl::string_view line);
 
 // Buffered lines, for logs written once per request: instead of one write(2) per line, lines

@@ -123,9 +123,11 @@ void ControlplaneLink::WatchLoop() {
                   {"serving_from", was_connected ? "last snapshot" : "nothing yet"}});
       logged_down = true;
     }
-    if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    if (status.error_code() == grpc::StatusCode::UNAVAILABLE &&
+        channel_->GetState(/*try_to_connect=*/false) != GRPC_CHANNEL_READY) {
       // Not reachable: retry as soon as the channel is connected again (its own reconnect
-      // backoff is at most 2 s) rather than after a blind sleep that stacks on top of it.
+      // backoff is at most 2 s) rather than after a blind sleep that stacks on top of it. (A
+      // connected channel whose calls fail takes the plain backoff below.)
       SleepUnlessStopping(Jittered(kMinBackoff));
       WaitForChannelUnlessStopping(backoff);
     } else {

@@ -458,6 +458,10 @@ absl::Status ValidateDataplaneOptions(const DataplaneOptions& o) {
     return absl::InvalidArgumentError(
         "SFLB_REQUEST_LOG_FLUSH: at most 10s (pending request-log lines are lost on a crash)");
   }
+  if (o.request_log_flush > absl::ZeroDuration() && o.request_log_flush < absl::Milliseconds(10)) {
+    return absl::InvalidArgumentError(
+        "SFLB_REQUEST_LOG_FLUSH: 0 (each line at once) or at least 10ms");
+  }
   return absl::OkStatus();
 }
 

@@ -20,7 +20,7 @@
 #   --no-install            do not apt-get anything (fail if something is missing)
 #   --no-build              use the binaries already in build-bench/
 #   --dp-env KEY=VALUE      extra dataplane environment, repeatable (A/B experiments, e.g.
-#                           SFLB_REQUEST_LOG=false or LD_PRELOAD=...libjemalloc.so.2)
+#                           SFLB_REQUEST_LOG=false or SFLB_REQUEST_LOG_FLUSH=0)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

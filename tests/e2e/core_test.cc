@@ -434,6 +434,11 @@ TEST_F(CoreTest, DataplaneRefusesToStartWithoutDistinctKeys) {
       {{"LB_API_KEY", "a"}, {"LB_ADMIN_KEY", "b"}, {"SFLB_REQUEST_LOG_FLUSH", "1m"}});
   EXPECT_EQ(slow_log.exit_code, 2);
   EXPECT_THAT(slow_log.err, HasSubstr("SFLB_REQUEST_LOG_FLUSH: at most 10s"));
+  CommandResult busy_log = RunCommand(
+      SFLB_DATAPLANE_BIN, {},
+      {{"LB_API_KEY", "a"}, {"LB_ADMIN_KEY", "b"}, {"SFLB_REQUEST_LOG_FLUSH", "1us"}});
+  EXPECT_EQ(busy_log.exit_code, 2);
+  EXPECT_THAT(busy_log.err, HasSubstr("at least 10ms"));
 }
 
 TEST_F(CoreTest, SflbctlStatsKeysAndErrors) {

@@ -103,8 +103,10 @@ TEST_F(BufferedLogTest, TheIntervalFlushesWithoutStop) {
 TEST_F(BufferedLogTest, A64KiBBacklogIsWrittenBeforeTheInterval) {
   StartLogBuffering(absl::Hours(1));
   std::string line = absl::StrCat("{\"pad\":\"", std::string(1000, 'x'), "\"}\n");
-  for (int i = 0; i < 80; ++i) WriteBufferedLogLine(line);
-  EXPECT_TRUE(WaitForBytes(80 * line.size())) << "80 KB stayed pending for an hour-long interval";
+  // The 65th line takes the backlog past 64 KiB, and nothing is added after it.
+  ASSERT_GE(65 * line.size(), 64u * 1024);
+  for (int i = 0; i < 65; ++i) WriteBufferedLogLine(line);
+  EXPECT_TRUE(WaitForBytes(65 * line.size())) << "64 KiB stayed pending for an hour-long interval";
 }
 
 TEST_F(BufferedLogTest, LinesFromManyThreadsComeOutWholeAndInOrderPerThread) {
