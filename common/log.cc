@@ -66,14 +66,13 @@ class LogBuffer {
     std::thread thread;
     {
       MutexLock lock(&mu_);
-      if (!on_) return;
-      on_ = false;  // from now on lines are written at once
+      if (!on_ || stop_) return;
       stop_ = true;
       wake_.SignalAll();
       thread = std::move(thread_);
     }
     thread.join();
-    Flush();  // what arrived between the thread's last flush and `on_ = false`
+    Flush(/*turn_off=*/true);
   }
 
   // False when buffering is off: the caller writes the line itself.
@@ -108,11 +107,13 @@ class LogBuffer {
   }
 
   // Writes what is pending. Chunks are taken and written under the stderr mutex, so they come
-  // out whole and in the order their lines were added.
-  void Flush() {
+  // out whole and in the order their lines were added. `turn_off` ends buffering in the same
+  // step, so a line written at once afterwards (it waits for the stderr mutex) follows them.
+  void Flush(bool turn_off = false) {
     MutexLock write_lock(&StderrMutex());
     {
       MutexLock lock(&mu_);
+      if (turn_off) on_ = false;
       if (pending_.empty()) return;
       writing_.swap(pending_);
     }

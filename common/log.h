@@ -52,7 +52,8 @@ void WriteRawLogLine(absl::string_view line);
 // are collected in order and written together by a background thread at least every
 // `flush_interval` (sooner once 64 KiB are pending), which takes a syscall off every request.
 // Lines still pending when the process dies without StopLogBuffering() are lost; lines of
-// other log calls may come out ahead of buffered lines written before them (each has its ts).
+// other log calls may come out ahead of buffered lines written before them (each has its ts),
+// but buffered lines never come out of order.
 //
 // StartLogBuffering: a zero interval, or never calling it, writes each line at once. Call at
 // most once per StopLogBuffering, before other threads log.

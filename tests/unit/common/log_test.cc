@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -91,6 +92,29 @@ TEST_F(BufferedLogTest, LinesWaitForTheIntervalAndStopWritesThem) {
   EXPECT_EQ(Written(), "{\"n\":1}\n{\"n\":2}\n");
   WriteBufferedLogLine("{\"n\":3}\n");  // buffering is off again
   EXPECT_EQ(Written(), "{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n");
+}
+
+TEST_F(BufferedLogTest, LinesWrittenWhileStoppingStayInOrder) {
+  StartLogBuffering(absl::Hours(1));
+  std::atomic<bool> stopped{false};
+  std::thread writer([&stopped] {
+    // Goes on until some lines were certainly written after buffering ended.
+    for (int i = 0, after = 0; after < 100; ++i) {
+      if (stopped.load()) ++after;
+      WriteBufferedLogLine(absl::StrCat("{\"i\":", i, "}\n"));
+    }
+  });
+  absl::SleepFor(absl::Milliseconds(20));
+  StopLogBuffering();
+  stopped.store(true);
+  writer.join();
+  int next = 0;
+  for (absl::string_view text : absl::StrSplit(Written(), '\n', absl::SkipEmpty())) {
+    nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+    ASSERT_TRUE(j.is_object()) << "torn line: " << text;
+    ASSERT_EQ(j["i"].get<int>(), next++) << "a line overtook the pending batch";
+  }
+  EXPECT_GE(next, 100);
 }
 
 TEST_F(BufferedLogTest, TheIntervalFlushesWithoutStop) {
