@@ -54,14 +54,21 @@ void SockaddrToIpPort(const sockaddr_storage& addr, std::string& ip, int& port) 
 // so a streaming handler notices a client that left within one chunk.
 class ConnectionStream final : public httplib::Stream {
  public:
-  ConnectionStream(int fd, int read_timeout_ms, int write_timeout_ms)
-      : fd_(fd), read_timeout_ms_(read_timeout_ms), write_timeout_ms_(write_timeout_ms) {}
+  // `buffered`: bytes of the next request read from the socket already (served first).
+  ConnectionStream(int fd, int read_timeout_ms, int write_timeout_ms, std::string buffered)
+      : fd_(fd),
+        read_timeout_ms_(read_timeout_ms),
+        write_timeout_ms_(write_timeout_ms),
+        prefix_(std::move(buffered)) {}
+
+  // Bytes of a next request are buffered (so the connection cannot be parked or detached).
+  bool has_buffered() const { return off_ < len_ || prefix_off_ < prefix_.size(); }
 
   // Waits for the first bytes of the next request, up to the socket's SO_RCVTIMEO (the
   // keep-alive timeout), and reads them: one blocking recv(), which a shutdown() from
   // CloseConnections() wakes. False on timeout, error or peer close.
   bool WaitForRequest() {
-    if (off_ < len_) return true;  // A pipelined request is already buffered.
+    if (has_buffered()) return true;  // A pipelined or handed-over request is buffered.
     ssize_t n;
     do {
       n = ::recv(fd_, buf_, sizeof(buf_), 0);
@@ -73,7 +80,7 @@ class ConnectionStream final : public httplib::Stream {
   }
 
   bool is_readable() const override {
-    if (off_ < len_) return true;
+    if (has_buffered()) return true;
     short revents = 0;
     return PollOne(fd_, POLLIN, read_timeout_ms_, &revents) > 0;
   }
@@ -88,6 +95,13 @@ class ConnectionStream final : public httplib::Stream {
   }
 
   ssize_t read(char* ptr, size_t size) override {
+    if (prefix_off_ < prefix_.size()) {
+      const size_t n = std::min(size, prefix_.size() - prefix_off_);
+      std::memcpy(ptr, prefix_.data() + prefix_off_, n);
+      prefix_off_ += n;
+      if (prefix_off_ == prefix_.size()) std::string().swap(prefix_), prefix_off_ = 0;
+      return static_cast<ssize_t>(n);
+    }
     if (off_ == len_) {
       if (!FlushHead()) return -1;  // e.g. "100 Continue" before the body is read
       off_ = len_ = 0;
@@ -139,7 +153,7 @@ class ConnectionStream final : public httplib::Stream {
   // Hands the connection over (see HttpServer::DetachConnection): false if bytes of a next
   // request are already buffered here.
   bool Detach() {
-    if (off_ < len_) return false;
+    if (has_buffered()) return false;
     detached_ = true;
     return true;
   }
@@ -220,6 +234,8 @@ class ConnectionStream final : public httplib::Stream {
     return 0;  // httplib writes the rest again
   }
 
+  std::string prefix_;  // handed-over bytes, served before buf_
+  size_t prefix_off_ = 0;
   char buf_[4096];
   size_t off_ = 0;
   size_t len_ = 0;
@@ -322,7 +338,9 @@ int HttpServer::DetachConnection() {
   return t_current.stream->socket();
 }
 
-void HttpServer::ResumeConnection(int fd) {
+void HttpServer::ResumeConnection(int fd) { ResumeConnection(fd, std::string()); }
+
+void HttpServer::ResumeConnection(int fd, std::string buffered) {
   SetBlocking(fd);
   httplib::TaskQueue* queue;
   {
@@ -336,9 +354,26 @@ void HttpServer::ResumeConnection(int fd) {
   }
   // Outside the lock (enqueue may start a thread). Safe: while `fd` is in connections_, the
   // queue's shutdown waits, so `queue` outlives this call.
-  queue->enqueue([this, fd] {
-    if (ServeConnection(fd)) ::close(fd);
+  queue->enqueue([this, fd, buffered = std::move(buffered)]() mutable {
+    if (ServeConnection(fd, std::move(buffered))) ::close(fd);
   });
+}
+
+void HttpServer::SetParkHandler(std::function<bool(int fd)> park) { park_ = std::move(park); }
+
+bool HttpServer::draining() const {
+  MutexLock lock(&conn_mu_);
+  return closing_idle_;
+}
+
+bool HttpServer::Park(::socket_t sock) {
+  if (!park_) return false;
+  {
+    MutexLock lock(&conn_mu_);
+    if (queue_ == nullptr || closing_ || closing_idle_) return false;
+    connections_[sock] = true;  // idle
+  }
+  return park_(sock);
 }
 
 void HttpServer::CloseDetached(int fd) {
@@ -372,14 +407,14 @@ bool HttpServer::process_and_close_socket(::socket_t sock) {
   }
   const int one = 1;
   setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  if (!ServeConnection(sock)) return true;  // detached: the socket lives on elsewhere
+  if (!ServeConnection(sock, std::string())) return true;  // detached: lives on elsewhere
   ::close(sock);
   return true;
 }
 
 // Mirrors httplib's own per-connection loop (wait for a request, process it, repeat while the
 // connection is kept alive), with an efficient, stoppable wait.
-bool HttpServer::ServeConnection(::socket_t sock) {
+bool HttpServer::ServeConnection(::socket_t sock, std::string buffered) {
   const int write_timeout_ms = TimeoutMs(write_timeout_sec_, write_timeout_usec_);
   timeval send_timeout{static_cast<time_t>(write_timeout_ms / 1000),
                        static_cast<suseconds_t>((write_timeout_ms % 1000) * 1000)};
@@ -391,8 +426,10 @@ bool HttpServer::ServeConnection(::socket_t sock) {
                           static_cast<suseconds_t>((keep_alive_ms % 1000) * 1000)};
   setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &receive_timeout, sizeof(receive_timeout));
   ConnectionStream stream(sock, TimeoutMs(read_timeout_sec_, read_timeout_usec_),
-                          write_timeout_ms);
+                          write_timeout_ms, std::move(buffered));
   for (size_t left = keep_alive_max_count_; left > 0; --left) {
+    // Waiting for the next request with nothing buffered: an event loop can hold it instead.
+    if (!stream.has_buffered() && Park(sock)) return false;
     bool draining;
     {
       MutexLock lock(&conn_mu_);

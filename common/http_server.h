@@ -18,8 +18,10 @@
 #ifndef SFLB_COMMON_HTTP_SERVER_H_
 #define SFLB_COMMON_HTTP_SERVER_H_
 
+#include <functional>
 #include <map>
 #include <set>
+#include <string>
 
 #include "common/mutex.h"
 #include "httplib.h"
@@ -69,6 +71,19 @@ class HttpServer : public httplib::Server {
   // Marks a detached connection as waiting for its next request (true) or busy (false), for
   // CloseIdleConnections(). Thread-safe.
   void SetDetachedIdle(int fd, bool idle);
+  // Like ResumeConnection, for a connection whose owner already read bytes of the next request:
+  // the thread serves them first, then reads on from the socket.
+  void ResumeConnection(int fd, std::string buffered);
+
+  // Parking: a connection that waits for its next request with nothing buffered (a new one
+  // before its first request, or one kept alive after a response) is offered to `park`
+  // (called on the connection's thread, socket in blocking mode). Returning true takes it
+  // detached, exactly as DetachConnection does; false leaves it with the thread. Set before
+  // serving. Requires ListenAfterBind().
+  void SetParkHandler(std::function<bool(int fd)> park);
+  // CloseIdleConnections() was called: connections close after their current request, so
+  // responses should say "Connection: close". Thread-safe.
+  bool draining() const;
 
  private:
   class TrackingQueue;
@@ -77,7 +92,9 @@ class HttpServer : public httplib::Server {
   bool process_and_close_socket(::socket_t sock) override;
   // Serves requests on `sock` until it closes (returns true) or is detached (returns false,
   // the socket stays open).
-  bool ServeConnection(::socket_t sock);
+  bool ServeConnection(::socket_t sock, std::string buffered);
+  // Hands an idle connection to the park handler; true if it took it.
+  bool Park(::socket_t sock);
   // Forgets `sock` (it is about to be closed) and wakes ListenAfterBind's final wait.
   void Forget(::socket_t sock);
 
@@ -90,6 +107,7 @@ class HttpServer : public httplib::Server {
   CondVar conn_cv_;  // signalled when connections_ loses an entry
   // The task queue of the running ListenAfterBind() (for ResumeConnection), else null.
   httplib::TaskQueue* queue_ ABSL_GUARDED_BY(conn_mu_) = nullptr;
+  std::function<bool(int)> park_;  // set before serving, then read-only
 };
 
 }  // namespace sflb

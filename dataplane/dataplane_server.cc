@@ -63,6 +63,13 @@ bool IsLegacyPath(absl::string_view path) {
          path == "/reload-keys";
 }
 
+// The pooled keys' account data (balance, identity) is for operators (see /balance): the
+// user/info API is refused to non-admin callers. `canonical` as from NormalizePath and
+// StripVersionPrefix, so "/v1/user/%69nfo" or "/v1//user/./info" cannot slip by.
+bool IsAccountPath(absl::string_view canonical) {
+  return canonical == "/user/info" || absl::StartsWith(canonical, "/user/info/");
+}
+
 void SetJson(httplib::Response& res, const nlohmann::ordered_json& body, int status = 200) {
   res.status = status;
   res.set_content(body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace),
@@ -86,6 +93,39 @@ struct Dataplane {
   std::atomic<ElasticThreadPool*> thread_pool{nullptr};
   std::atomic<bool> draining{false};
   absl::Time started_at = absl::Now();
+
+  // A request record for a proxied request, as both ways of serving start it.
+  std::shared_ptr<RequestRecord> NewRecord(std::string request_id, absl::string_view method,
+                                           absl::string_view path, absl::string_view peer_ip,
+                                           absl::string_view forwarded_for, size_t body_bytes) {
+    auto record = std::make_shared<RequestRecord>();
+    record->enabled = options.request_log;
+    record->metrics = &metrics;
+    record->request_id = std::move(request_id);
+    record->started = absl::Now();
+    record->client_ip = trusted_proxies.ClientIp(peer_ip, forwarded_for);
+    record->method = std::string(method);
+    record->path = std::string(path);
+    record->request_bytes = body_bytes;
+    return record;
+  }
+
+  // StreamRelay's admission: the event loop serves a proxied request that passes
+  // authentication and is not one of sflb's own endpoints or refused paths (those, and every
+  // failure with its log line and error shape, stay with the routes below).
+  std::shared_ptr<RequestRecord> AdmitToLoop(const RequestHead& head, absl::string_view path,
+                                             absl::string_view body, const std::string& peer_ip) {
+    if (IsPublicPath(path) || IsLegacyPath(path)) return nullptr;
+    const std::string* authorization = head.Find("Authorization");
+    if (authorization == nullptr || auth->Check(*authorization) == ClientRole::kNone) {
+      return nullptr;
+    }
+    if (IsAccountPath(StripVersionPrefix(NormalizePath(path)))) return nullptr;
+    const std::string* forwarded_for = head.Find("X-Forwarded-For");
+    return NewRecord(NewRequestId(), head.method, path, peer_ip,
+                     forwarded_for == nullptr ? absl::string_view() : *forwarded_for,
+                     body.size());
+  }
 
   // The /stats object from the controlplane; from this replica's snapshot when the
   // controlplane cannot be asked.
@@ -290,23 +330,14 @@ void InstallRoutes(httplib::Server& server, Dataplane* dp) {
   });
   auto forward = [dp](const httplib::Request& req, httplib::Response& res, std::string body) {
     g_forwarded = true;
-    auto record = std::make_shared<RequestRecord>();
-    record->enabled = dp->options.request_log;
-    record->metrics = &dp->metrics;
-    record->request_id = res.get_header_value(kRequestIdHeader);
-    record->started = absl::Now();
-    record->client_ip =
-        dp->trusted_proxies.ClientIp(req.remote_addr, req.get_header_value("X-Forwarded-For"));
-    record->method = req.method;
-    record->path = req.path;
-    record->request_bytes = body.size();
+    std::shared_ptr<RequestRecord> record =
+        dp->NewRecord(res.get_header_value(kRequestIdHeader), req.method, req.path,
+                      req.remote_addr, req.get_header_value("X-Forwarded-For"), body.size());
     std::string path = StripVersionPrefix(SplitTarget(req.target).first);
     // The check looks at the path as the upstream will understand it: decoded (httplib's
-    // req.path) and normalized, so "/v1/user/%69nfo" or "/v1//user/./info" cannot slip by.
-    std::string canonical = StripVersionPrefix(NormalizePath(req.path));
-    if ((canonical == "/user/info" || absl::StartsWith(canonical, "/user/info/")) &&
+    // req.path) and normalized.
+    if (IsAccountPath(StripVersionPrefix(NormalizePath(req.path))) &&
         dp->auth->Check(req.get_header_value("Authorization")) != ClientRole::kAdmin) {
-      // A pool key's account data (balance, identity) is for operators: see /balance.
       SetOpenAiError(res, 403, "user/info of the pooled keys is not available through sflb; "
                                "operators can use /balance or 'sflbctl balance'",
                      "permission_error", "forbidden_endpoint");
@@ -517,10 +548,20 @@ absl::Status RunDataplane(const DataplaneOptions& options) {
     relay_options.idle_timeout = options.idle_timeout;
     relay_options.write_timeout = options.client_write_timeout;
     relay_options.keep_alive_timeout = options.keep_alive_timeout;
-    Proxy* proxy = dp->proxy.get();
-    relay = std::make_unique<StreamRelay>(relay_options, &server,
-                                          [proxy] { return proxy->aborting(); });
+    relay_options.read_timeout = options.client_read_timeout;
+    relay_options.max_body_bytes = static_cast<size_t>(options.max_body_bytes);
+    relay_options.first_byte_timeout = options.first_byte_timeout;
+    relay_options.max_workers = static_cast<size_t>(options.max_connections);
+    Dataplane* dp_admit = dp.get();
+    relay = std::make_unique<StreamRelay>(
+        relay_options, &server, dp->proxy.get(),
+        [dp_admit](const RequestHead& head, absl::string_view path, absl::string_view body,
+                   const std::string& peer_ip) {
+          return dp_admit->AdmitToLoop(head, path, body, peer_ip);
+        });
     dp->proxy->set_relay(relay.get());
+    StreamRelay* relay_raw = relay.get();
+    server.SetParkHandler([relay_raw](int fd) { return relay_raw->Park(fd); });
   }
   size_t max_connections = static_cast<size_t>(options.max_connections);
   Dataplane* dp_raw = dp.get();

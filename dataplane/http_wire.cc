@@ -72,20 +72,26 @@ absl::Status ParseStatusLine(absl::string_view line, ResponseHead* out) {
   return absl::OkStatus();
 }
 
-absl::Status ParseHeaderLine(absl::string_view line, ResponseHead* out) {
-  if (IsOws(line[0])) return Malformed("obsolete line folding in header section");
+absl::Status MalformedRequest(absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat("malformed request: ", what));
+}
+
+// One header line into `out`; errors through `malformed`.
+absl::Status ParseHeaderLine(absl::string_view line, std::vector<HttpHeader>* out,
+                             absl::Status (*malformed)(absl::string_view) = Malformed) {
+  if (IsOws(line[0])) return malformed("obsolete line folding in header section");
   size_t colon = line.find(':');
-  if (colon == absl::string_view::npos) return Malformed("header line without ':'");
+  if (colon == absl::string_view::npos) return malformed("header line without ':'");
   absl::string_view name = line.substr(0, colon);
   if (!IsHttpToken(name)) {
     // Also rejects whitespace between the name and the colon (RFC 9112 section 5.1).
-    return Malformed("invalid header name");
+    return malformed("invalid header name");
   }
   absl::string_view value = TrimOws(line.substr(colon + 1));
   if (!IsValidHeaderValue(value)) {
-    return Malformed(absl::StrCat("invalid character in value of header ", name));
+    return malformed(absl::StrCat("invalid character in value of header ", name));
   }
-  out->headers.push_back(HttpHeader{std::string(name), std::string(value)});
+  out->push_back(HttpHeader{std::string(name), std::string(value)});
   return absl::OkStatus();
 }
 
@@ -213,10 +219,83 @@ absl::Status ParseResponseHead(absl::string_view head, bool request_was_head, Re
       if (!head.empty()) return Malformed("bytes after the end of the response head");
       return DetermineFraming(request_was_head, out);
     }
-    absl::Status s = ParseHeaderLine(line, out);
+    absl::Status s = ParseHeaderLine(line, &out->headers);
     if (!s.ok()) return s;
   }
   return Malformed("response head not terminated");
+}
+
+const std::string* RequestHead::Find(absl::string_view name) const {
+  for (const HttpHeader& h : headers) {
+    if (absl::EqualsIgnoreCase(h.name, name)) return &h.value;
+  }
+  return nullptr;
+}
+
+absl::Status ParseRequestHead(absl::string_view head, RequestHead* out) {
+  *out = RequestHead();
+  if (head.size() > kMaxRequestHeadBytes) return MalformedRequest("request head too large");
+  // Request line: method SP target SP HTTP-version CRLF.
+  size_t eol = head.find("\r\n");
+  if (eol == absl::string_view::npos) return MalformedRequest("request line not terminated");
+  absl::string_view line = head.substr(0, eol);
+  head.remove_prefix(eol + 2);
+  size_t sp1 = line.find(' ');
+  size_t sp2 = sp1 == absl::string_view::npos ? sp1 : line.find(' ', sp1 + 1);
+  if (sp2 == absl::string_view::npos) return MalformedRequest("bad request line");
+  absl::string_view method = line.substr(0, sp1);
+  absl::string_view target = line.substr(sp1 + 1, sp2 - sp1 - 1);
+  absl::string_view version = line.substr(sp2 + 1);
+  if (!IsHttpToken(method)) return MalformedRequest("bad method");
+  if (target.empty() || target[0] != '/' || !IsValidRequestTarget(target) ||
+      target.find_first_of(" \t#") != absl::string_view::npos) {
+    return MalformedRequest("bad request target");
+  }
+  if (version.size() != 8 || !absl::StartsWith(version, "HTTP/1.") ||
+      (version[7] != '0' && version[7] != '1')) {
+    return MalformedRequest("unsupported HTTP version");
+  }
+  out->method = std::string(method);
+  out->target = std::string(target);
+  out->version_minor = version[7] - '0';
+  bool conn_close = false;
+  bool conn_keep_alive = false;
+  for (;;) {
+    eol = head.find("\r\n");
+    if (eol == absl::string_view::npos) return MalformedRequest("request head not terminated");
+    line = head.substr(0, eol);
+    head.remove_prefix(eol + 2);
+    if (line.empty()) break;
+    if (line.find_first_of("\r\n") != absl::string_view::npos) {
+      return MalformedRequest("bare CR or LF in request head");
+    }
+    absl::Status s = ParseHeaderLine(line, &out->headers, MalformedRequest);
+    if (!s.ok()) return s;
+    const HttpHeader& h = out->headers.back();
+    if (absl::EqualsIgnoreCase(h.name, "content-length")) {
+      uint64_t n = 0;
+      bool digits = !h.value.empty() && h.value.size() <= 18;
+      for (char c : h.value) digits = digits && absl::ascii_isdigit(c);
+      if (!digits || !absl::SimpleAtoi(h.value, &n)) return MalformedRequest("bad Content-Length");
+      if (out->has_content_length && n != out->content_length) {
+        return MalformedRequest("conflicting Content-Length values");
+      }
+      out->has_content_length = true;
+      out->content_length = n;
+    } else if (absl::EqualsIgnoreCase(h.name, "transfer-encoding")) {
+      out->has_transfer_encoding = true;
+    } else if (absl::EqualsIgnoreCase(h.name, "expect")) {
+      out->has_expect = true;
+    } else if (absl::EqualsIgnoreCase(h.name, "connection")) {
+      ForEachListElement(h.value, [&](absl::string_view option) {
+        if (absl::EqualsIgnoreCase(option, "close")) conn_close = true;
+        if (absl::EqualsIgnoreCase(option, "keep-alive")) conn_keep_alive = true;
+      });
+    }
+  }
+  if (!head.empty()) return MalformedRequest("bytes after the end of the request head");
+  out->keep_alive = !conn_close && (out->version_minor >= 1 || conn_keep_alive);
+  return absl::OkStatus();
 }
 
 absl::Status ChunkedDecoder::Decode(absl::string_view in, size_t* consumed,

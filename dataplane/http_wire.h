@@ -1,5 +1,6 @@
-// HTTP/1.1 wire format for the upstream client: request serialisation, response-head parsing
-// and chunked-body decoding (RFC 9112). Pure functions and a small state machine, no I/O, so
+// HTTP/1.1 wire format: for the upstream client, request serialisation, response-head parsing
+// and chunked-body decoding; for the dataplane's event loop, client request-head parsing
+// (RFC 9112). Pure functions and a small state machine, no I/O, so
 // every rule is unit-testable without sockets.
 //
 // Parsing is strict where leniency enables smuggling or splitting (obs-fold, whitespace before
@@ -65,6 +66,34 @@ size_t FindHeadEnd(absl::string_view buf, size_t* scan_from);
 // there is no body whatever the headers say. Errors are INTERNAL with a message that names the
 // rule broken; header values never appear in messages.
 absl::Status ParseResponseHead(absl::string_view head, bool request_was_head, ResponseHead* out);
+
+// A client's request head, parsed by the event loop that serves plain requests itself.
+struct RequestHead {
+  std::string method;
+  std::string target;  // as sent (origin-form)
+  int version_minor = 1;  // HTTP/1.<version_minor>
+  // In received order; names as sent, values without OWS.
+  std::vector<HttpHeader> headers;
+  bool has_content_length = false;
+  uint64_t content_length = 0;  // 0 when absent
+  bool has_transfer_encoding = false;
+  bool has_expect = false;
+  // HTTP/1.1 without "Connection: close" (HTTP/1.0 needs "Connection: keep-alive").
+  bool keep_alive = true;
+
+  // First header named `name` (ASCII case-insensitive), or nullptr.
+  const std::string* Find(absl::string_view name) const;
+};
+
+// Largest request head the event loop parses; longer ones go to the thread path (httplib).
+inline constexpr size_t kMaxRequestHeadBytes = 16 * 1024;
+
+// Parses a complete request head (as delimited by FindHeadEnd, blank line included). Strict: a
+// request-line of token SP origin-form-target SP "HTTP/1.x", CRLF line endings only, header
+// names that are tokens, values without control characters, no obs-fold, at most one valid
+// Content-Length value. INVALID_ARGUMENT with the rule broken (values never quoted) otherwise:
+// the caller then lets httplib answer the request as it always did.
+absl::Status ParseRequestHead(absl::string_view head, RequestHead* out);
 
 // Incremental decoder of a chunked body. Feed it the unconsumed bytes; it consumes framing and
 // returns data as views into the input, so body bytes are never copied.

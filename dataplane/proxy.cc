@@ -20,12 +20,6 @@
 namespace sflb {
 namespace {
 
-// Upstream answers that say "this key (or its account) cannot serve this now": worth another key.
-bool IsKeyFailure(int status) {
-  return status == 429 || status == 401 || status == 403 || status == 502 || status == 503 ||
-         status == 504;
-}
-
 v1::OutcomeKind OutcomeFor(int status) {
   switch (status) {
     case 429: return v1::OUTCOME_KIND_RATE_LIMITED;
@@ -46,36 +40,302 @@ absl::Status ReadAll(UpstreamExchange* exchange, size_t limit, std::string* out)
   }
 }
 
-// The reason phrase of a status line sflb writes itself.
+ProxyAnswer OpenAiAnswer(int status, absl::string_view message, absl::string_view type,
+                         absl::string_view code) {
+  ProxyAnswer answer;
+  answer.status = status;
+  answer.content_type = "application/json";
+  answer.body = OpenAiErrorJson(message, type, code);
+  return answer;
+}
+
+}  // namespace
+
 const char* StatusReason(int status) {
   switch (status) {
     case 200: return "OK";
     case 201: return "Created";
     case 202: return "Accepted";
     case 203: return "Non-Authoritative Information";
+    case 204: return "No Content";
     case 206: return "Partial Content";
     case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
     case 404: return "Not Found";
     case 409: return "Conflict";
+    case 413: return "Payload Too Large";
     case 422: return "Unprocessable Entity";
+    case 429: return "Too Many Requests";
     case 500: return "Internal Server Error";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
     default: return status < 300 ? "OK" : status < 500 ? "Client Error" : "Server Error";
   }
 }
 
-// The response head of a relayed stream: what httplib would have written for a chunked
-// content provider.
-std::string StreamHead(int status, const httplib::Headers& headers,
-                       const std::string& content_type, bool keep_alive) {
+std::string ResponseHeadBytes(int status, const std::vector<HttpHeader>& headers,
+                              absl::string_view content_type, absl::string_view framing,
+                              bool keep_alive) {
   std::string head = absl::StrCat("HTTP/1.1 ", status, " ", StatusReason(status), "\r\n");
-  for (const auto& [name, value] : headers) absl::StrAppend(&head, name, ": ", value, "\r\n");
+  for (const HttpHeader& h : headers) absl::StrAppend(&head, h.name, ": ", h.value, "\r\n");
   if (!content_type.empty()) absl::StrAppend(&head, "Content-Type: ", content_type, "\r\n");
-  absl::StrAppend(&head, "Transfer-Encoding: chunked\r\nConnection: ",
-                  keep_alive ? "keep-alive" : "close", "\r\n\r\n");
+  if (!framing.empty()) absl::StrAppend(&head, framing, "\r\n");
+  absl::StrAppend(&head, "Connection: ", keep_alive ? "keep-alive" : "close", "\r\n\r\n");
   return head;
 }
 
-}  // namespace
+std::vector<HttpHeader> ClientResponseHeaders(const ResponseHead& head, std::string* content_type) {
+  std::vector<HttpHeader> out;
+  std::string connection;
+  if (const std::string* c = head.Find("Connection")) connection = *c;
+  for (const HttpHeader& h : head.headers) {
+    if (IsResponseHeaderDropped(h.name, connection)) continue;
+    if (content_type != nullptr && absl::EqualsIgnoreCase(h.name, "content-type")) {
+      *content_type = h.value;
+      continue;
+    }
+    out.push_back(h);
+  }
+  return out;
+}
+
+void ProxyAnswer::ApplyTo(httplib::Response& res) const {
+  res.status = status;
+  for (const HttpHeader& h : headers) res.set_header(h.name, h.value);
+  if (!content_type.empty()) {
+    res.set_content(body, content_type);
+  } else {
+    res.body = body;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ProxyCall
+
+ProxyCall::ProxyCall(Proxy* proxy, std::shared_ptr<RequestRecord> record, BodySummary summary,
+                     UpstreamRequest request)
+    : proxy_(proxy),
+      record_(std::move(record)),
+      summary_(std::move(summary)),
+      request_(std::move(request)) {
+  record_->model = summary_.model;
+  record_->stream = summary_.stream;
+  request_.headers.push_back({"Authorization", ""});
+  auth_index_ = request_.headers.size() - 1;
+  pick_request_.model = summary_.model;
+}
+
+ProxyCall::~ProxyCall() { EndProbe(); }
+
+bool ProxyCall::IsKeyFailure(int status) {
+  return status == 429 || status == 401 || status == 403 || status == 502 || status == 503 ||
+         status == 504;
+}
+
+void ProxyCall::EndProbe() {
+  if (!probe_pending_) return;
+  probe_pending_ = false;
+  proxy_->pool()->ProbeDone(key_->account, summary_.model);
+}
+
+bool ProxyCall::NextAttempt() {
+  EndProbe();
+  if (attempt_ >= proxy_->options().max_attempts) return false;
+  last_pick_ = proxy_->pool()->Pick(pick_request_);
+  key_ = last_pick_.key;
+  if (key_ == nullptr) return false;
+  ++attempt_;
+  probe_ = last_pick_.probe;
+  probe_pending_ = probe_;
+  pick_request_.exclude.push_back(key_->id);
+  record_->attempts = attempt_;
+  record_->key_fingerprints.push_back(key_->fingerprint);
+  request_.headers[auth_index_].value = absl::StrCat("Bearer ", key_->secret);
+  attempt_started_ = absl::Now();
+  proxy_->reports()->RecordRequest(key_->id, attempt_started_);
+  return true;
+}
+
+void ProxyCall::Report(v1::OutcomeKind kind, int status, std::string message,
+                       absl::optional<absl::Duration> retry_after) {
+  v1::KeyOutcome outcome;
+  outcome.set_key_id(key_->id);
+  outcome.set_kind(kind);
+  outcome.set_http_status(status);
+  outcome.set_model(summary_.model);
+  if (message.size() > 512) message.resize(512);
+  outcome.set_message(std::move(message));
+  if (retry_after.has_value()) *outcome.mutable_retry_after() = ToProtoDuration(*retry_after);
+  outcome.set_probe(probe_);
+  *outcome.mutable_observed_at() = ToProtoTime(attempt_started_);
+  proxy_->reports()->RecordOutcome(std::move(outcome));
+}
+
+void ProxyCall::TransportFailed(const absl::Status& error, absl::string_view retry_reason,
+                                int status, absl::string_view log_event) {
+  last_transport_error_ = error;
+  if (proxy_->metrics() != nullptr) proxy_->metrics()->RecordRetry(retry_reason);
+  Report(v1::OUTCOME_KIND_TRANSPORT_ERROR, status, std::string(error.message()), absl::nullopt);
+  EndProbe();
+  LogWarning(log_event, {{"request_id", record_->request_id},
+                         {"key", key_->fingerprint},
+                         {"attempt", attempt_},
+                         {"error", std::string(error.message())}});
+}
+
+void ProxyCall::KeyRefused(const ResponseHead& head, std::string body, const absl::Status& read) {
+  if (const std::string* trace = head.Find("x-siliconcloud-trace-id")) {
+    record_->upstream_trace_id = *trace;
+  }
+  std::string message = ExtractErrorMessage(body);
+  absl::optional<absl::Duration> retry_after;
+  if (const std::string* ra = head.Find("Retry-After")) {
+    retry_after = ParseRetryAfter(*ra, attempt_started_);
+  }
+  Report(OutcomeFor(head.status), head.status, message, retry_after);
+  EndProbe();
+  if (proxy_->metrics() != nullptr) {
+    proxy_->metrics()->RecordRetry(absl::StrCat("status_", head.status));
+  }
+  if (head.status == 429) {
+    // Keep this replica off the (account, model) scope right away; the controlplane's block
+    // reaches every replica within a round trip.
+    CooldownDecision cooldown = ComputeCooldown(retry_after, message, attempt_started_, 1, 0.5,
+                                                proxy_->options().cooldown);
+    proxy_->pool()->AddLocalBlock(key_->account, summary_.model,
+                                  attempt_started_ + cooldown.duration);
+    pick_request_.avoid_accounts.push_back(key_->account);
+  }
+  LogWarning("upstream_key_failure", {{"request_id", record_->request_id},
+                                      {"key", key_->fingerprint},
+                                      {"attempt", attempt_},
+                                      {"status", head.status},
+                                      {"probe", probe_}});
+  if (read.ok()) {
+    held_ = std::make_unique<Held>();
+    held_->head = head;
+    held_->body = std::move(body);
+  } else {
+    last_transport_error_ = read;
+  }
+}
+
+void ProxyCall::Commit(const ResponseHead& head) {
+  if (const std::string* trace = head.Find("x-siliconcloud-trace-id")) {
+    record_->upstream_trace_id = *trace;
+  }
+  if (probe_) {
+    Report(v1::OUTCOME_KIND_SUCCESS, head.status, "", absl::nullopt);
+    EndProbe();
+  }
+  record_->time_to_first_byte = absl::Now() - record_->started;
+  record_->upstream_answered = true;
+  record_->status = head.status;
+}
+
+void ProxyCall::CountUsage(absl::string_view body) {
+  record_->response_bytes = body.size();
+  uint64_t prompt = 0, completion = 0;
+  // Only bodies that mention usage are worth a parse (most non-chat answers do not).
+  if (absl::StrContains(body, "\"usage\"") && ExtractUsage(body, &prompt, &completion)) {
+    proxy_->reports()->RecordTokens(key_->id, prompt, completion);
+    record_->have_usage = true;
+    record_->prompt_tokens = prompt;
+    record_->completion_tokens = completion;
+  }
+}
+
+ProxyAnswer ProxyCall::ShuttingDown() {
+  record_->error_code = "shutting_down";
+  record_->status = 503;
+  ProxyAnswer answer = OpenAiAnswer(503, "this sflb replica is shutting down; retry",
+                                    "service_unavailable", record_->error_code);
+  answer.headers.push_back({"Retry-After", "1"});
+  return answer;
+}
+
+ProxyAnswer ProxyCall::FinalAnswer() {
+  EndProbe();
+  RequestRecord& result = *record_;
+  if (held_ != nullptr && (held_->head.status == 502 || held_->head.status == 503 ||
+                           held_->head.status == 504)) {
+    // Upstream trouble on every try: hand the client the upstream's own last answer.
+    ProxyAnswer answer;
+    answer.status = held_->head.status;
+    result.status = answer.status;
+    answer.headers = ClientResponseHeaders(held_->head, &answer.content_type);
+    result.response_bytes = held_->body.size();
+    answer.body = std::move(held_->body);
+    return answer;
+  }
+  // Is the pool rate limited (429) or out of usable keys (503)?
+  PickResult probe_pick = last_pick_;
+  if (probe_pick.key != nullptr || !probe_pick.rate_limited) {
+    PickRequest fresh;
+    fresh.model = summary_.model;
+    // Ask without this request's exclusions to learn the pool's state for the model.
+    probe_pick = proxy_->pool()->Peek(fresh);
+  }
+  bool rate_limited = (held_ != nullptr && held_->head.status == 429) || probe_pick.rate_limited;
+  if (rate_limited) {
+    // Other accounts may still be open (this request ran out of attempts): retry soon.
+    absl::Time retry_at = probe_pick.rate_limited ? probe_pick.retry_at
+                                                  : absl::Now() + absl::Seconds(1);
+    result.error_code = "rate_limited";
+    ProxyAnswer answer = OpenAiAnswer(
+        429,
+        absl::StrCat("All SiliconFlow keys", summary_.model.empty() ? "" : " for model ",
+                     summary_.model, " are rate limited right now; retry after the Retry-After delay"),
+        "rate_limit_error", result.error_code);
+    int64_t seconds = absl::ToInt64Seconds(absl::Ceil(retry_at - absl::Now(), absl::Seconds(1)));
+    answer.headers.push_back({"Retry-After", absl::StrCat(std::max<int64_t>(1, seconds))});
+    result.status = 429;
+    return answer;
+  }
+  if (held_ == nullptr && !last_transport_error_.ok()) {
+    bool timeout = last_transport_error_.code() == absl::StatusCode::kDeadlineExceeded;
+    int status = timeout ? 504 : 502;
+    result.error_code = timeout ? "upstream_timeout" : "upstream_unavailable";
+    result.status = status;
+    return OpenAiAnswer(status,
+                        absl::StrCat("SiliconFlow could not be reached after ", result.attempts,
+                                     " attempt(s): ", last_transport_error_.message()),
+                        "upstream_error", result.error_code);
+  }
+  ProxyAnswer answer;
+  switch (last_pick_.failure) {
+    case PickFailure::kNoSnapshot:
+      result.error_code = "no_key_set";
+      answer = OpenAiAnswer(
+          503, "sflb has not received its key set from the controlplane yet; retry shortly",
+          "service_unavailable", result.error_code);
+      break;
+    case PickFailure::kNoKeys:
+      result.error_code = "no_keys_configured";
+      answer = OpenAiAnswer(503, "no SiliconFlow API keys are configured in sflb",
+                            "service_unavailable", result.error_code);
+      break;
+    default:
+      result.error_code = "no_usable_key";
+      answer = OpenAiAnswer(
+          503,
+          held_ != nullptr
+              ? absl::StrCat("no usable SiliconFlow key: the last one tried was refused (",
+                             held_->head.status, ")")
+              : std::string("no SiliconFlow key is usable right now (all invalid, depleted, "
+                            "disabled or refused for this model)"),
+          "service_unavailable", result.error_code);
+      break;
+  }
+  answer.headers.push_back({"Retry-After", "30"});
+  result.status = 503;
+  return answer;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Proxy
 
 Proxy::Proxy(ProxyOptions options, UpstreamClient* client, KeyPool* pool, ReportBuffer* reports,
              DataplaneMetrics* metrics)
@@ -83,14 +343,40 @@ Proxy::Proxy(ProxyOptions options, UpstreamClient* client, KeyPool* pool, Report
 
 void Proxy::set_relay(StreamRelay* relay) { relay_ = relay; }
 
+UpstreamRequest Proxy::UpstreamRequestFor(absl::string_view method, absl::string_view target,
+                                          const std::vector<HttpHeader>& headers,
+                                          absl::string_view body) const {
+  UpstreamRequest upstream;
+  upstream.method = std::string(method);
+  auto [path, query] = SplitTarget(target);
+  upstream.target = UpstreamTarget(client_->endpoint().base_path, StripVersionPrefix(path), query);
+  absl::string_view connection;
+  for (const HttpHeader& h : headers) {
+    if (absl::EqualsIgnoreCase(h.name, "connection")) {
+      connection = h.value;
+      break;
+    }
+  }
+  upstream.headers.reserve(headers.size() + 1);
+  for (const HttpHeader& h : headers) {
+    if (!IsRequestHeaderDropped(h.name, connection)) upstream.headers.push_back(h);
+  }
+  upstream.body = body;
+  return upstream;
+}
+
+void Proxy::Track(const std::shared_ptr<CancelToken>& token) {
+  MutexLock lock(&tokens_mu_);
+  tokens_.insert(token);
+}
+
+void Proxy::Forget(const std::shared_ptr<CancelToken>& token) {
+  MutexLock lock(&tokens_mu_);
+  tokens_.erase(token);
+}
+
 void Proxy::Forward(const httplib::Request& req, const std::string& path, std::string body,
                     const std::shared_ptr<RequestRecord>& record, httplib::Response& res) {
-  RequestRecord& result = *record;
-  const std::string& request_id = record->request_id;
-  BodySummary summary = SummarizeBody(body);
-  result.model = summary.model;
-  result.stream = summary.stream;
-
   UpstreamRequest upstream;
   upstream.method = req.method;
   upstream.target = UpstreamTarget(client_->endpoint().base_path, path,
@@ -99,131 +385,42 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
   for (const auto& [name, value] : req.headers) {
     if (!IsRequestHeaderDropped(name, connection)) upstream.headers.push_back({name, value});
   }
-  upstream.headers.push_back({"Authorization", ""});
-  const size_t auth_index = upstream.headers.size() - 1;
   upstream.body = body;
+  ProxyCall call(this, record, SummarizeBody(body), std::move(upstream));
+  RequestRecord& result = *record;
 
   auto cancel = std::make_shared<CancelToken>();
-  {
-    MutexLock lock(&tokens_mu_);
-    tokens_.insert(cancel);
-  }
+  Track(cancel);
   // Unregisters the token whatever way Forward returns; a stream keeps its own reference.
   struct TokenGuard {
     Proxy* proxy;
     std::shared_ptr<CancelToken> token;
-    ~TokenGuard() {
-      MutexLock lock(&proxy->tokens_mu_);
-      proxy->tokens_.erase(token);
-    }
+    ~TokenGuard() { proxy->Forget(token); }
   } token_guard{this, cancel};
   if (aborting_.load()) {
-    result.error_code = "shutting_down";
-    SetOpenAiError(res, 503, "this sflb replica is shutting down; retry", "service_unavailable",
-                   result.error_code);
-    res.set_header("Retry-After", "1");
-    result.status = 503;
+    call.ShuttingDown().ApplyTo(res);
     return;
   }
-  PickRequest pick_request;
-  pick_request.model = summary.model;
-  // The last upstream answer that was not committed, returned if no attempt succeeds.
-  struct Held {
-    ResponseHead head;
-    std::string body;
-  };
-  std::unique_ptr<Held> held;
-  absl::Status last_transport_error;
-  PickResult last_pick;
   std::string first_piece;  // a streamed response's first body bytes, read before committing
 
-  auto report = [this, &summary](const PoolKey& key, v1::OutcomeKind kind, int status,
-                                 std::string message, absl::optional<absl::Duration> retry_after,
-                                 bool probe, absl::Time when) {
-    v1::KeyOutcome outcome;
-    outcome.set_key_id(key.id);
-    outcome.set_kind(kind);
-    outcome.set_http_status(status);
-    outcome.set_model(summary.model);
-    if (message.size() > 512) message.resize(512);
-    outcome.set_message(std::move(message));
-    if (retry_after.has_value()) *outcome.mutable_retry_after() = ToProtoDuration(*retry_after);
-    outcome.set_probe(probe);
-    *outcome.mutable_observed_at() = ToProtoTime(when);
-    reports_->RecordOutcome(std::move(outcome));
-  };
-
-  for (int attempt = 1; attempt <= options_.max_attempts; ++attempt) {
-    last_pick = pool_->Pick(pick_request);
-    if (last_pick.key == nullptr) break;
-    std::shared_ptr<const PoolKey> key = last_pick.key;
-    const bool probe = last_pick.probe;
-    pick_request.exclude.push_back(key->id);
-    result.attempts = attempt;
-    result.key_fingerprints.push_back(key->fingerprint);
-    upstream.headers[auth_index].value = absl::StrCat("Bearer ", key->secret);
-    absl::Time now = absl::Now();
-    reports_->RecordRequest(key->id, now);
-    auto finish_probe = [&] {
-      if (probe) pool_->ProbeDone(key->account, summary.model);
-    };
-
-    absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent = client_->Send(upstream, nullptr, cancel);
+  while (call.NextAttempt()) {
+    absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent =
+        client_->Send(call.request(), nullptr, cancel);
     if (!sent.ok() && aborting_.load()) {
-      result.error_code = "shutting_down";
-      SetOpenAiError(res, 503, "this sflb replica is shutting down; retry", "service_unavailable",
-                     result.error_code);
-      res.set_header("Retry-After", "1");
-      result.status = 503;
-      finish_probe();
+      call.ShuttingDown().ApplyTo(res);
       return;
     }
     if (!sent.ok()) {
-      last_transport_error = sent.status();
-      if (metrics_ != nullptr) metrics_->RecordRetry("transport");
-      report(*key, v1::OUTCOME_KIND_TRANSPORT_ERROR, 0, std::string(sent.status().message()),
-             absl::nullopt, probe, now);
-      finish_probe();
-      LogWarning("upstream_transport_error", {{"request_id", request_id},
-                                              {"key", key->fingerprint},
-                                              {"attempt", attempt},
-                                              {"error", std::string(sent.status().message())}});
       // Nothing reached the client: safe to try another key.
+      call.TransportFailed(sent.status());
       continue;
     }
     std::unique_ptr<UpstreamExchange> exchange = std::move(*sent);
     const ResponseHead& head = exchange->head();
-    if (const std::string* trace = head.Find("x-siliconcloud-trace-id")) {
-      result.upstream_trace_id = *trace;
-    }
-    if (IsKeyFailure(head.status)) {
-      auto failed = std::make_unique<Held>();
-      failed->head = head;
-      absl::Status read = ReadAll(exchange.get(), 64 * 1024, &failed->body);
-      std::string message = ExtractErrorMessage(failed->body);
-      absl::optional<absl::Duration> retry_after;
-      if (const std::string* ra = head.Find("Retry-After")) retry_after = ParseRetryAfter(*ra, now);
-      report(*key, OutcomeFor(head.status), head.status, message, retry_after, probe, now);
-      finish_probe();
-      if (metrics_ != nullptr) metrics_->RecordRetry(absl::StrCat("status_", head.status));
-      if (head.status == 429) {
-        // Keep this replica off the (account, model) scope right away; the controlplane's
-        // block reaches every replica within a round trip.
-        CooldownDecision cooldown =
-            ComputeCooldown(retry_after, message, now, 1, 0.5, options_.cooldown);
-        pool_->AddLocalBlock(key->account, summary.model, now + cooldown.duration);
-        pick_request.avoid_accounts.push_back(key->account);
-      }
-      LogWarning("upstream_key_failure", {{"request_id", request_id},
-                                          {"key", key->fingerprint},
-                                          {"attempt", attempt},
-                                          {"status", head.status},
-                                          {"probe", probe}});
-      if (read.ok()) {
-        held = std::move(failed);
-      } else {
-        last_transport_error = read;
-      }
+    if (ProxyCall::IsKeyFailure(head.status)) {
+      std::string error_body;
+      absl::Status read = ReadAll(exchange.get(), 64 * 1024, &error_body);
+      call.KeyRefused(head, std::move(error_body), read);
       continue;
     }
 
@@ -232,49 +429,30 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
                     head.framing == BodyFraming::kUntilClose ||
                     (head.framing == BodyFraming::kContentLength &&
                      static_cast<size_t>(head.content_length) > options_.buffer_limit);
-    if (streamed && summary.stream && head.status < 300 && req.method != "HEAD") {
+    if (streamed && call.summary().stream && head.status < 300 && req.method != "HEAD") {
       absl::Time deadline = absl::Now() + options_.stream_first_byte_timeout;
       absl::StatusOr<absl::string_view> first =
           exchange->ReadSome([deadline] { return absl::Now() >= deadline; });
       if (!first.ok()) {
         bool stalled = first.status().code() == absl::StatusCode::kCancelled;
-        last_transport_error =
+        absl::Status error =
             stalled ? absl::DeadlineExceededError(absl::StrCat(
                           "no first byte within ",
                           absl::FormatDuration(options_.stream_first_byte_timeout)))
                     : first.status();
-        if (metrics_ != nullptr) metrics_->RecordRetry(stalled ? "first_byte_timeout" : "transport");
-        report(*key, v1::OUTCOME_KIND_TRANSPORT_ERROR, head.status,
-               std::string(last_transport_error.message()), absl::nullopt, probe, now);
-        finish_probe();
-        LogWarning("upstream_stream_stalled", {{"request_id", request_id},
-                                               {"key", key->fingerprint},
-                                               {"attempt", attempt},
-                                               {"error", std::string(last_transport_error.message())}});
+        call.TransportFailed(error, stalled ? "first_byte_timeout" : "transport", head.status,
+                             "upstream_stream_stalled");
         continue;
       }
       first_piece.assign(first->data(), first->size());
     }
-    if (probe) {
-      report(*key, v1::OUTCOME_KIND_SUCCESS, head.status, "", absl::nullopt, true, now);
-      finish_probe();
-    }
 
     // Commit: this response goes to the client.
-    result.time_to_first_byte = absl::Now() - result.started;
-    result.upstream_answered = true;
+    call.Commit(head);
     res.status = head.status;
-    result.status = head.status;
     std::string content_type;
-    std::string resp_connection;
-    if (const std::string* c = head.Find("Connection")) resp_connection = *c;
-    for (const HttpHeader& h : head.headers) {
-      if (IsResponseHeaderDropped(h.name, resp_connection)) continue;
-      if (absl::EqualsIgnoreCase(h.name, "content-type")) {
-        content_type = h.value;
-        continue;
-      }
-      res.headers.emplace(h.name, h.value);
+    for (HttpHeader& h : ClientResponseHeaders(head, &content_type)) {
+      res.headers.emplace(std::move(h.name), std::move(h.value));
     }
     if (head.framing == BodyFraming::kNone || req.method == "HEAD") {
       if (!content_type.empty()) res.set_header("Content-Type", content_type);
@@ -292,22 +470,14 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
         result.error_code = "upstream_broken_response";
         return;
       }
-      uint64_t prompt = 0, completion = 0;
-      // Only bodies that mention usage are worth a parse (most non-chat answers do not).
-      if (absl::StrContains(whole, "\"usage\"") && ExtractUsage(whole, &prompt, &completion)) {
-        reports_->RecordTokens(key->id, prompt, completion);
-        result.have_usage = true;
-        result.prompt_tokens = prompt;
-        result.completion_tokens = completion;
-      }
-      result.response_bytes = whole.size();
+      call.CountUsage(whole);
       res.body = std::move(whole);
       if (!content_type.empty()) res.set_header("Content-Type", content_type);
       return;
     }
 
     auto stream = std::make_shared<std::unique_ptr<ResponseStream>>(std::make_unique<ResponseStream>(
-        std::move(exchange), key, reports_, record, metrics_,
+        std::move(exchange), call.key(), reports_, record, metrics_,
         absl::StartsWithIgnoreCase(content_type, "text/event-stream")));
     (*stream)->Forwarded(first_piece);  // sent first, whichever way the stream goes
     if (relay_ != nullptr && head.framing != BodyFraming::kContentLength &&
@@ -315,7 +485,10 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
       // From here an event loop serves the stream; this thread goes back to the pool.
       const bool keep_alive = !absl::StrContains(
           absl::AsciiStrToLower(req.get_header_value("Connection")), "close");
-      std::string out = StreamHead(head.status, res.headers, content_type, keep_alive);
+      std::vector<HttpHeader> headers;
+      for (const auto& [name, value] : res.headers) headers.push_back({name, value});
+      std::string out = ResponseHeadBytes(head.status, headers, content_type,
+                                          "Transfer-Encoding: chunked", keep_alive);
       AppendChunk(first_piece, &out);
       if (relay_->Adopt(*stream, std::move(out), keep_alive)) return;
       // Not adopted (and nothing sent): stream from this thread after all.
@@ -364,85 +537,7 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
     }
     return;
   }
-
-  // No attempt was committed.
-  auto set_retry_after = [&res](absl::Time retry_at) {
-    int64_t seconds = absl::ToInt64Seconds(absl::Ceil(retry_at - absl::Now(), absl::Seconds(1)));
-    res.set_header("Retry-After", absl::StrCat(std::max<int64_t>(1, seconds)));
-  };
-  if (held != nullptr && (held->head.status == 502 || held->head.status == 503 ||
-                          held->head.status == 504)) {
-    // Upstream trouble on every try: hand the client the upstream's own last answer.
-    res.status = held->head.status;
-    result.status = held->head.status;
-    std::string resp_connection;
-    if (const std::string* c = held->head.Find("Connection")) resp_connection = *c;
-    for (const HttpHeader& h : held->head.headers) {
-      if (!IsResponseHeaderDropped(h.name, resp_connection)) res.headers.emplace(h.name, h.value);
-    }
-    result.response_bytes = held->body.size();
-    res.body = std::move(held->body);
-    return;
-  }
-  // Is the pool rate limited (429) or out of usable keys (503)?
-  PickResult probe_pick = last_pick;
-  if (probe_pick.key != nullptr || !probe_pick.rate_limited) {
-    PickRequest fresh;
-    fresh.model = summary.model;
-    // Ask without this request's exclusions to learn the pool's state for the model.
-    probe_pick = pool_->Peek(fresh);
-  }
-  bool rate_limited = (held != nullptr && held->head.status == 429) || probe_pick.rate_limited;
-  if (rate_limited) {
-    // Other accounts may still be open (this request ran out of attempts): retry soon.
-    absl::Time retry_at = probe_pick.rate_limited ? probe_pick.retry_at
-                                                  : absl::Now() + absl::Seconds(1);
-    result.error_code = "rate_limited";
-    SetOpenAiError(res, 429,
-                   absl::StrCat("All SiliconFlow keys", summary.model.empty() ? "" : " for model ",
-                                summary.model,
-                                " are rate limited right now; retry after the Retry-After delay"),
-                   "rate_limit_error", result.error_code);
-    set_retry_after(retry_at);
-    result.status = 429;
-    return;
-  }
-  if (held == nullptr && !last_transport_error.ok()) {
-    bool timeout = last_transport_error.code() == absl::StatusCode::kDeadlineExceeded;
-    int status = timeout ? 504 : 502;
-    result.error_code = timeout ? "upstream_timeout" : "upstream_unavailable";
-    SetOpenAiError(res, status,
-                   absl::StrCat("SiliconFlow could not be reached after ", result.attempts,
-                                " attempt(s): ", last_transport_error.message()),
-                   "upstream_error", result.error_code);
-    result.status = status;
-    return;
-  }
-  switch (last_pick.failure) {
-    case PickFailure::kNoSnapshot:
-      result.error_code = "no_key_set";
-      SetOpenAiError(res, 503,
-                     "sflb has not received its key set from the controlplane yet; retry shortly",
-                     "service_unavailable", result.error_code);
-      break;
-    case PickFailure::kNoKeys:
-      result.error_code = "no_keys_configured";
-      SetOpenAiError(res, 503, "no SiliconFlow API keys are configured in sflb",
-                     "service_unavailable", result.error_code);
-      break;
-    default:
-      result.error_code = "no_usable_key";
-      SetOpenAiError(res, 503,
-                     held != nullptr
-                         ? absl::StrCat("no usable SiliconFlow key: the last one tried was refused (",
-                                        held->head.status, ")")
-                         : std::string("no SiliconFlow key is usable right now (all invalid, "
-                                       "depleted, disabled or refused for this model)"),
-                     "service_unavailable", result.error_code);
-      break;
-  }
-  res.set_header("Retry-After", "30");
-  result.status = 503;
+  call.FinalAnswer().ApplyTo(res);
 }
 
 void Proxy::AbortAll() {

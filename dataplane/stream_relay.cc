@@ -1,19 +1,25 @@
 #include "dataplane/stream_relay.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <thread>
 #include <unordered_map>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
 #include "common/mutex.h"
+#include "dataplane/error_response.h"
+#include "dataplane/forwarding.h"
 
 namespace sflb {
 namespace {
@@ -24,13 +30,36 @@ constexpr int kMaxReadsPerWake = 32;
 
 enum class Phase {
   kStreaming,  // upstream body being relayed
-  kFinishing,  // the body's last bytes are queued; then idle (keep-alive) or close
+  kFinishing,  // the response's last bytes are queued; then idle (keep-alive) or close
   kIdle,       // waiting for the client's next request
+  kReading,    // a request is arriving
+  kUpstream,   // the loop serves a request: an upstream exchange is in progress
+  kWorker,     // an attempt of a request the loop serves runs on a worker thread
 };
 
-// One relayed connection. Owned by its loop thread.
+// A request a loop serves, from its arrival until its response is committed. Shared with a
+// worker thread while one runs an attempt (the loop leaves it alone meanwhile).
+struct LoopCall {
+  std::string body;  // the upstream request refers to it
+  std::unique_ptr<ProxyCall> call;
+  std::shared_ptr<CancelToken> cancel;
+  bool keep_alive = true;
+  std::unique_ptr<UpstreamExchange> exchange;  // the attempt in progress
+  bool refused = false;  // reading the error body of a refused key (else a committed body)
+  std::string response_body;
+  absl::Time deadline = absl::InfiniteFuture();  // of the current wait on the upstream
+};
+
+// Largest error body read from an upstream that refused a key.
+constexpr size_t kMaxRefusalBodyBytes = 64 * 1024;
+
+// One connection a loop holds. Owned by its loop thread.
 struct Relayed {
   std::unique_ptr<ResponseStream> stream;  // null once finished
+  std::shared_ptr<LoopCall> call;          // the request the loop serves, until committed
+  std::string in;                          // bytes of the request arriving
+  size_t head_scan = 0;                    // FindHeadEnd's progress in `in`
+  std::string peer_ip;
   int client_fd = -1;
   int upstream_fd = -1;  // registered in epoll while >= 0
   Phase phase = Phase::kStreaming;
@@ -45,6 +74,7 @@ struct Relayed {
   absl::Time last_upstream;
   absl::Time write_blocked_since = absl::InfiniteFuture();
   absl::Time idle_deadline = absl::InfiniteFuture();
+  absl::Time read_deadline = absl::InfiniteFuture();  // of a request arriving (kReading)
 
   size_t pending() const { return out.size() - out_off; }
 };
@@ -106,9 +136,20 @@ class StreamRelay::Loop {
       return;
     }
     // The loop has ended (process shutdown): cut the stream here.
-    r->stream->record().stream_end = "server_shutdown";
+    if (r->stream != nullptr) r->stream->record().stream_end = "server_shutdown";
     r->stream.reset();
     relay_->server_->CloseDetached(r->client_fd);
+  }
+
+  // From a worker thread: the attempt of `call` (served on `r`) is done.
+  void PostSent(Relayed* r, std::shared_ptr<LoopCall> call,
+                absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent) {
+    {
+      MutexLock lock(&mu_);
+      if (stop_) return;  // the loop has ended: the exchange closes here
+      sent_.push_back(Sent{r, std::move(call), std::move(sent)});
+    }
+    Wake();
   }
 
   void Stop() {
@@ -180,6 +221,17 @@ class StreamRelay::Loop {
         stop = stop_;
       }
       for (auto& r : incoming) Start(std::move(r));
+      std::vector<Sent> sent;
+      {
+        MutexLock lock(&mu_);
+        sent.swap(sent_);
+      }
+      for (Sent& result : sent) {
+        // The connection may have ended meanwhile (its call is then another or none).
+        Relayed* r = result.r;
+        if (streams_.count(r) == 0 || r->call != result.call || r->phase != Phase::kWorker) continue;
+        OnSent(r, std::move(result.sent));
+      }
       if (stop) break;
       absl::Time now = absl::Now();
       if (now >= next_tick) {
@@ -192,6 +244,7 @@ class StreamRelay::Loop {
     for (auto& [r, owned] : streams_) left.push_back(r);
     for (Relayed* r : left) {
       if (r->stream != nullptr) r->stream->record().stream_end = "server_shutdown";
+      if (r->call != nullptr) r->call->call->record().stream_end = "server_shutdown";
       Close(r);
     }
   }
@@ -199,6 +252,21 @@ class StreamRelay::Loop {
   void Start(std::unique_ptr<Relayed> owned) {
     Relayed* r = owned.get();
     streams_.emplace(r, std::move(owned));
+    if (r->stream == nullptr) {
+      // A parked connection: wait for its next request.
+      epoll_event ev{};
+      ev.events = EPOLLIN | EPOLLRDHUP;
+      ev.data.u64 = Tag(r, false);
+      r->client_events = ev.events;
+      if (::epoll_ctl(epfd_, EPOLL_CTL_ADD, r->client_fd, &ev) != 0) {
+        LogError("relay_epoll_add_failed", {{"errno", errno}});
+        Close(r);
+        return;
+      }
+      r->phase = Phase::kIdle;
+      r->idle_deadline = absl::Now() + relay_->options_.keep_alive_timeout;
+      return;
+    }
     r->last_upstream = absl::Now();
     epoll_event ev{};
     ev.events = EPOLLRDHUP;
@@ -225,16 +293,31 @@ class StreamRelay::Loop {
   }
 
   void OnUpstream(Relayed* r) {
+    if (r->phase == Phase::kUpstream) {
+      AdvanceCall(r);
+      return;
+    }
     if (r->phase != Phase::kStreaming || r->upstream_paused) return;
     ReadUpstream(r);
   }
 
   void OnClient(Relayed* r, uint32_t events) {
-    if (r->phase == Phase::kIdle) {
+    if (r->phase == Phase::kIdle || r->phase == Phase::kReading) {
       if ((events & (EPOLLHUP | EPOLLERR)) == 0 && (events & EPOLLIN) != 0) {
-        Resume(r);
+        ReadRequest(r);
       } else {
         Close(r);  // hung up or reset while idle
+      }
+      return;
+    }
+    if (r->phase == Phase::kUpstream || r->phase == Phase::kWorker) {
+      // Only a hang-up or error matters while the upstream works; more bytes (a pipelined
+      // request) or a half-close wait until the response is out: stop watching for them
+      // (the interest comes back when the connection is idle again).
+      if ((events & (EPOLLHUP | EPOLLERR)) != 0) {
+        ClientGone(r);
+      } else {
+        SetClientEvents(r, 0);
       }
       return;
     }
@@ -282,12 +365,17 @@ class StreamRelay::Loop {
     Flush(r);
   }
 
+  // Sets what the upstream socket is watched for; the first call registers it (events 0 means
+  // not registered yet).
   void SetUpstreamEvents(Relayed* r, uint32_t events) {
     if (r->upstream_fd < 0 || r->upstream_paused || r->upstream_events == events) return;
     epoll_event ev{};
     ev.events = events;
     ev.data.u64 = Tag(r, true);
-    ::epoll_ctl(epfd_, EPOLL_CTL_MOD, r->upstream_fd, &ev);
+    if (::epoll_ctl(epfd_, r->upstream_events == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD,
+                    r->upstream_fd, &ev) != 0) {
+      LogError("relay_epoll_ctl_failed", {{"errno", errno}});
+    }
     r->upstream_events = events;
   }
 
@@ -386,6 +474,7 @@ class StreamRelay::Loop {
 
   void ClientGone(Relayed* r) {
     if (r->stream != nullptr) r->stream->record().stream_end = "client_disconnected";
+    if (r->call != nullptr) r->call->call->record().stream_end = "client_disconnected";
     Close(r);
   }
 
@@ -402,18 +491,385 @@ class StreamRelay::Loop {
     return true;
   }
 
-  // The client sent its next request: back to the server.
+  // The client sent a request the loop leaves to the server: back to a server thread, with
+  // the bytes read so far.
   void Resume(Relayed* r) {
     ::epoll_ctl(epfd_, EPOLL_CTL_DEL, r->client_fd, nullptr);
-    relay_->server_->ResumeConnection(r->client_fd);
+    relay_->server_->ResumeConnection(r->client_fd, std::move(r->in));
     streams_.erase(r);
   }
 
   void Close(Relayed* r) {
+    EndCall(r);
     StopUpstream(r);
     ::epoll_ctl(epfd_, EPOLL_CTL_DEL, r->client_fd, nullptr);
     relay_->server_->CloseDetached(r->client_fd);
     streams_.erase(r);
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Serving requests
+
+  // Reads what the client sent and serves, waits for more, or hands the request back.
+  void ReadRequest(Relayed* r) {
+    bool eof = false;
+    for (;;) {
+      if (r->in.size() > kMaxRequestHeadBytes + relay_->options_.max_body_bytes) break;
+      size_t old_size = r->in.size();
+      r->in.resize(old_size + 16 * 1024);
+      ssize_t n = ::recv(r->client_fd, &r->in[old_size], 16 * 1024, MSG_DONTWAIT);
+      r->in.resize(old_size + static_cast<size_t>(std::max<ssize_t>(n, 0)));
+      if (n > 0) {
+        if (static_cast<size_t>(n) < 16 * 1024) break;  // most likely all there is for now
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+      eof = true;  // closed (0) or reset
+      break;
+    }
+    if (r->in.empty()) {
+      Close(r);
+      return;
+    }
+    if (r->phase == Phase::kIdle) {
+      r->phase = Phase::kReading;
+      r->read_deadline = absl::Now() + relay_->options_.read_timeout;
+      relay_->server_->SetDetachedIdle(r->client_fd, false);
+    }
+    TryServe(r);
+    if (eof && streams_.count(r) != 0 && r->phase == Phase::kReading) Close(r);
+  }
+
+  // Serves the buffered request in the loop if it is complete and the loop may; hands it back
+  // to a server thread if the loop may not; else waits for more bytes.
+  void TryServe(Relayed* r) {
+    size_t head_end = FindHeadEnd(r->in, &r->head_scan);
+    if (head_end == absl::string_view::npos) {
+      if (r->in.size() > kMaxRequestHeadBytes) Resume(r);
+      return;
+    }
+    RequestHead head;
+    if (!ParseRequestHead(absl::string_view(r->in).substr(0, head_end), &head).ok() ||
+        head.version_minor != 1 || head.has_transfer_encoding || head.has_expect ||
+        head.content_length > relay_->options_.max_body_bytes) {
+      Resume(r);
+      return;
+    }
+    const bool with_body = head.method == "POST" || head.method == "PUT" ||
+                           head.method == "PATCH" || head.method == "DELETE";
+    if (!with_body && head.method != "GET") {
+      Resume(r);
+      return;
+    }
+    // httplib reads and drops the body of a GET; the loop does not bother.
+    if (!with_body && head.content_length > 0) {
+      Resume(r);
+      return;
+    }
+    const size_t total = head_end + static_cast<size_t>(head.content_length);
+    if (r->in.size() < total) return;  // the body is still arriving
+    absl::string_view path = SplitTarget(head.target).first;
+    if (r->in.size() > total || path.find('%') != absl::string_view::npos) {
+      // A pipelined request behind this one, or a path httplib decodes: the server's way.
+      Resume(r);
+      return;
+    }
+    absl::string_view body = absl::string_view(r->in).substr(head_end);
+    BodySummary summary = SummarizeBody(body);
+    std::shared_ptr<RequestRecord> record;
+    // Streams keep the first-byte retry window of the server's way (see Proxy::Forward).
+    if (!summary.stream) record = relay_->admit_(head, path, body, r->peer_ip);
+    if (record == nullptr) {
+      Resume(r);
+      return;
+    }
+    Proxy* proxy = relay_->proxy_;
+    auto call = std::make_shared<LoopCall>();
+    call->body = r->in.substr(head_end);
+    call->keep_alive = head.keep_alive;
+    call->call = std::make_unique<ProxyCall>(
+        proxy, std::move(record), std::move(summary),
+        proxy->UpstreamRequestFor(head.method, head.target, head.headers, call->body));
+    call->cancel = std::make_shared<CancelToken>();
+    proxy->Track(call->cancel);
+    r->in.clear();
+    r->head_scan = 0;
+    r->call = std::move(call);
+    r->phase = Phase::kUpstream;
+    r->read_deadline = absl::InfiniteFuture();
+    if (proxy->aborting()) {
+      Answer(r, r->call->call->ShuttingDown());
+      return;
+    }
+    NextAttempt(r);
+  }
+
+  // Starts the next attempt of the call on `r`, or answers when none is left.
+  void NextAttempt(Relayed* r) {
+    LoopCall& c = *r->call;
+    Proxy* proxy = relay_->proxy_;
+    for (;;) {
+      if (!c.call->NextAttempt()) {
+        Answer(r, c.call->FinalAnswer());
+        return;
+      }
+      absl::StatusOr<std::unique_ptr<UpstreamExchange>> started =
+          proxy->client()->StartOnPooled(c.call->request(), c.cancel);
+      if (!started.ok()) {
+        c.call->TransportFailed(started.status());
+        continue;
+      }
+      if (*started == nullptr) {
+        RunOnWorker(r);
+        return;
+      }
+      c.exchange = std::move(*started);
+      c.deadline = absl::Now() + relay_->options_.first_byte_timeout;
+      r->upstream_fd = c.exchange->fd();  // watched from its first wait (SetUpstreamEvents)
+      r->upstream_events = 0;
+      r->upstream_paused = false;
+      r->phase = Phase::kUpstream;
+      AdvanceCall(r);
+      return;
+    }
+  }
+
+  // An attempt needs a new upstream connection: a worker sends it (connecting may block).
+  void RunOnWorker(Relayed* r) {
+    r->phase = Phase::kWorker;
+    std::shared_ptr<LoopCall> call = r->call;
+    UpstreamClient* client = relay_->proxy_->client();
+    relay_->workers_->enqueue([this, r, call, client]() mutable {
+      absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent =
+          client->Send(call->call->request(), nullptr, call->cancel);
+      PostSent(r, std::move(call), std::move(sent));
+    });
+  }
+
+  // A worker's attempt is back (the response head is in, or it failed).
+  void OnSent(Relayed* r, absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent) {
+    LoopCall& c = *r->call;
+    if (!sent.ok()) {
+      AttemptFailed(r, sent.status());
+      return;
+    }
+    c.exchange = std::move(*sent);
+    r->upstream_fd = c.exchange->fd();
+    r->upstream_events = 0;
+    r->upstream_paused = false;
+    r->phase = Phase::kUpstream;
+    OnHead(r);
+  }
+
+  // The current attempt failed before anything was committed: the next one, or the answer.
+  void AttemptFailed(Relayed* r, const absl::Status& error) {
+    DropExchange(r);
+    if (relay_->proxy_->aborting()) {
+      Answer(r, r->call->call->ShuttingDown());
+      return;
+    }
+    r->call->call->TransportFailed(error);
+    NextAttempt(r);
+  }
+
+  // Unregisters and closes (or pools, when its body was read) the attempt's exchange.
+  void DropExchange(Relayed* r) {
+    if (r->upstream_fd >= 0) {
+      if (!r->upstream_paused && r->upstream_events != 0) {
+        ::epoll_ctl(epfd_, EPOLL_CTL_DEL, r->upstream_fd, nullptr);
+      }
+      r->upstream_fd = -1;
+      r->upstream_events = 0;
+    }
+    if (r->call != nullptr) r->call->exchange.reset();
+  }
+
+  // Drives the exchange in progress as far as it goes without waiting.
+  void AdvanceCall(Relayed* r) {
+    LoopCall& c = *r->call;
+    if (c.exchange == nullptr) return;
+    if (!c.exchange->head_complete()) {
+      UpstreamExchange::Wait wait;
+      absl::StatusOr<bool> done = c.exchange->TryCompleteHead(&wait);
+      if (!done.ok()) {
+        if (c.exchange->stale()) {
+          // The server had closed the pooled connection: resend on a fresh one.
+          DropExchange(r);
+          relay_->proxy_->client()->CountStaleRetry();
+          RunOnWorker(r);
+          return;
+        }
+        AttemptFailed(r, done.status());
+        return;
+      }
+      if (!*done) {
+        SetUpstreamEvents(r, wait == UpstreamExchange::Wait::kWrite ? EPOLLOUT : EPOLLIN);
+        return;
+      }
+      OnHead(r);
+      return;
+    }
+    ReadCallBody(r);
+  }
+
+  // The response head of the attempt is in.
+  void OnHead(Relayed* r) {
+    LoopCall& c = *r->call;
+    const ResponseHead& head = c.exchange->head();
+    c.response_body.clear();
+    c.deadline = absl::Now() + relay_->options_.idle_timeout;
+    if (ProxyCall::IsKeyFailure(head.status)) {
+      c.refused = true;
+      ReadCallBody(r);
+      return;
+    }
+    c.refused = false;
+    c.call->Commit(head);
+    if (head.framing == BodyFraming::kNone) {
+      AnswerCommitted(r);
+      return;
+    }
+    if (head.framing == BodyFraming::kContentLength &&
+        static_cast<size_t>(head.content_length) <= relay_->proxy_->options().buffer_limit) {
+      c.response_body.reserve(static_cast<size_t>(head.content_length));
+      ReadCallBody(r);
+      return;
+    }
+    StreamCommitted(r);
+  }
+
+  // Reads a refused key's error body or a committed plain body, as far as it has arrived.
+  void ReadCallBody(Relayed* r) {
+    LoopCall& c = *r->call;
+    for (;;) {
+      UpstreamExchange::Wait wait;
+      absl::StatusOr<absl::string_view> piece = c.exchange->TryReadSome(&wait);
+      absl::Status error;
+      if (!piece.ok()) {
+        error = piece.status();
+      } else if (piece->empty() && wait != UpstreamExchange::Wait::kNone) {
+        SetUpstreamEvents(r, wait == UpstreamExchange::Wait::kWrite ? EPOLLOUT : EPOLLIN);
+        return;
+      } else if (!piece->empty()) {
+        c.deadline = absl::Now() + relay_->options_.idle_timeout;
+        if (c.refused && c.response_body.size() + piece->size() > kMaxRefusalBodyBytes) {
+          error = absl::OutOfRangeError("body too large");
+        } else {
+          c.response_body.append(piece->data(), piece->size());
+          continue;
+        }
+      }
+      BodyDone(r, error);
+      return;
+    }
+  }
+
+  // The body being read ended (completely when `error` is OK).
+  void BodyDone(Relayed* r, const absl::Status& error) {
+    LoopCall& c = *r->call;
+    if (c.refused) {
+      c.call->KeyRefused(c.exchange->head(), std::move(c.response_body), error);
+      c.response_body.clear();
+      c.refused = false;
+      DropExchange(r);  // pooled again when its body was read
+      if (relay_->proxy_->aborting()) {
+        Answer(r, c.call->ShuttingDown());
+        return;
+      }
+      NextAttempt(r);
+      return;
+    }
+    if (!error.ok()) {
+      RequestRecord& record = c.call->record();
+      record.status = 502;
+      record.error_code = "upstream_broken_response";
+      Answer(r, ProxyAnswer{502, {}, "application/json",
+                            OpenAiErrorJson(absl::StrCat("upstream response broke off: ",
+                                                         error.message()),
+                                            "upstream_error", "upstream_broken_response")});
+      return;
+    }
+    c.call->CountUsage(c.response_body);
+    AnswerCommitted(r);
+  }
+
+  // No upstream byte within the deadline of the current wait.
+  void CallTimedOut(Relayed* r) {
+    LoopCall& c = *r->call;
+    const bool head_wait = c.exchange == nullptr || !c.exchange->head_complete();
+    absl::Status error = absl::DeadlineExceededError(absl::StrCat(
+        head_wait ? "upstream response head: timed out after " : "upstream body: no data for ",
+        absl::FormatDuration(head_wait ? relay_->options_.first_byte_timeout
+                                       : relay_->options_.idle_timeout)));
+    if (head_wait) {
+      AttemptFailed(r, error);
+    } else {
+      BodyDone(r, error);
+    }
+  }
+
+  // Sends the committed upstream response, its body read whole.
+  void AnswerCommitted(Relayed* r) {
+    LoopCall& c = *r->call;
+    const ResponseHead& head = c.exchange->head();
+    ProxyAnswer answer;
+    answer.status = head.status;
+    answer.headers = ClientResponseHeaders(head, &answer.content_type);
+    answer.body = std::move(c.response_body);
+    const bool no_body = head.framing == BodyFraming::kNone;
+    DropExchange(r);
+    Answer(r, std::move(answer), no_body);
+  }
+
+  // Sends `answer` as the whole response and ends the call.
+  void Answer(Relayed* r, ProxyAnswer answer, bool no_body = false) {
+    LoopCall& c = *r->call;
+    RequestRecord& record = c.call->record();
+    answer.headers.push_back({"x-request-id", record.request_id});
+    r->keep_alive = c.keep_alive && !relay_->server_->draining();
+    const bool bodiless_status = answer.status == 204 || answer.status == 304;
+    std::string framing = bodiless_status ? std::string()
+                                          : absl::StrCat("Content-Length: ", answer.body.size());
+    if (no_body && !bodiless_status) framing = "Content-Length: 0";
+    r->out = ResponseHeadBytes(answer.status, answer.headers, answer.content_type, framing,
+                               r->keep_alive);
+    if (!bodiless_status) r->out.append(answer.body);
+    r->out_off = 0;
+    EndCall(r);  // the request is logged now, as on the server's way
+    r->phase = Phase::kFinishing;
+    Flush(r);
+  }
+
+  // A chunked or large committed response: relayed as a stream from here.
+  void StreamCommitted(Relayed* r) {
+    LoopCall& c = *r->call;
+    const ResponseHead& head = c.exchange->head();
+    std::string content_type;
+    std::vector<HttpHeader> headers = ClientResponseHeaders(head, &content_type);
+    headers.push_back({"x-request-id", c.call->record().request_id});
+    r->keep_alive = c.keep_alive && !relay_->server_->draining();
+    r->out = ResponseHeadBytes(head.status, headers, content_type, "Transfer-Encoding: chunked",
+                               r->keep_alive);
+    r->out_off = 0;
+    r->stream = std::make_unique<ResponseStream>(
+        std::move(c.exchange), c.call->key(), relay_->proxy_->reports(), c.call->shared_record(),
+        relay_->proxy_->metrics(), absl::StartsWithIgnoreCase(content_type, "text/event-stream"));
+    EndCall(r);
+    r->phase = Phase::kStreaming;
+    r->last_upstream = absl::Now();
+    SetUpstreamEvents(r, EPOLLIN);
+    if (Flush(r)) ReadUpstream(r);
+  }
+
+  // The loop is done with the call on `r` (answered, streaming, or abandoned).
+  void EndCall(Relayed* r) {
+    if (r->call == nullptr) return;
+    std::shared_ptr<LoopCall> call = std::move(r->call);
+    call->cancel->Cancel();  // a worker still sending ends at once; harmless otherwise
+    relay_->proxy_->Forget(call->cancel);
+    if (call->exchange != nullptr) DropExchange(r);
+    call->exchange.reset();
   }
 
   void Tick(absl::Time now) {
@@ -425,6 +881,23 @@ class StreamRelay::Loop {
       if (streams_.count(r) == 0) continue;
       if (r->phase == Phase::kIdle) {
         if (now >= r->idle_deadline || aborting) Close(r);
+        continue;
+      }
+      if (r->phase == Phase::kReading) {
+        if (now >= r->read_deadline || aborting) Close(r);
+        continue;
+      }
+      if (r->phase == Phase::kUpstream) {
+        if (aborting) {
+          r->call->cancel->Cancel();
+          AdvanceCall(r);
+        } else if (now >= r->call->deadline) {
+          CallTimedOut(r);
+        }
+        continue;
+      }
+      if (r->phase == Phase::kWorker) {
+        if (aborting) r->call->cancel->Cancel();  // the worker's Send ends at once
         continue;
       }
       if (now - r->write_blocked_since > relay_->options_.write_timeout) {
@@ -451,6 +924,12 @@ class StreamRelay::Loop {
   std::thread thread_;
   Mutex mu_;
   std::vector<std::unique_ptr<Relayed>> incoming_ ABSL_GUARDED_BY(mu_);
+  struct Sent {
+    Relayed* r;
+    std::shared_ptr<LoopCall> call;
+    absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent;
+  };
+  std::vector<Sent> sent_ ABSL_GUARDED_BY(mu_);  // workers' results
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   // Loop thread only.
   std::unordered_map<Relayed*, std::unique_ptr<Relayed>> streams_;
@@ -464,6 +943,43 @@ StreamRelay::StreamRelay(StreamRelayOptions options, HttpServer* server,
   for (int i = 0; i < std::max(1, options_.threads); ++i) {
     loops_.push_back(std::make_unique<Loop>(this));
   }
+}
+
+StreamRelay::StreamRelay(StreamRelayOptions options, HttpServer* server, Proxy* proxy,
+                         LoopAdmission admit)
+    : options_(options),
+      server_(server),
+      proxy_(proxy),
+      admit_(std::move(admit)),
+      aborting_([proxy] { return proxy->aborting(); }),
+      workers_(std::make_unique<ElasticThreadPool>(std::max<size_t>(1, options.max_workers),
+                                                   /*min_idle=*/1, absl::Seconds(30))) {
+  for (int i = 0; i < std::max(1, options_.threads); ++i) {
+    loops_.push_back(std::make_unique<Loop>(this));
+  }
+}
+
+bool StreamRelay::Park(int fd) {
+  if (proxy_ == nullptr || stopped_.load()) return false;
+  Loop* loop = loops_[next_loop_.fetch_add(1, std::memory_order_relaxed) % loops_.size()].get();
+  if (!loop->ok()) return false;
+  auto r = std::make_unique<Relayed>();
+  sockaddr_storage addr{};
+  socklen_t len = sizeof(addr);
+  char ip[INET6_ADDRSTRLEN] = {0};
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    if (addr.ss_family == AF_INET) {
+      inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&addr)->sin_addr, ip, sizeof(ip));
+    } else if (addr.ss_family == AF_INET6) {
+      inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(&addr)->sin6_addr, ip, sizeof(ip));
+    }
+  }
+  r->peer_ip = ip;
+  int flags = ::fcntl(fd, F_GETFL, 0);
+  if (flags >= 0) ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+  r->client_fd = fd;
+  loop->Add(std::move(r));
+  return true;
 }
 
 StreamRelay::~StreamRelay() { Stop(); }
@@ -491,7 +1007,9 @@ bool StreamRelay::Adopt(std::unique_ptr<ResponseStream>& stream, std::string hea
 
 void StreamRelay::Stop() {
   if (stopped_.exchange(true)) return;
+  // The loops end their calls (cancelling what workers still send), then the workers finish.
   for (auto& loop : loops_) loop->Stop();
+  if (workers_ != nullptr) workers_->shutdown();
 }
 
 }  // namespace sflb

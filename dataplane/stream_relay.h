@@ -1,19 +1,30 @@
-// StreamRelay: serves committed streamed responses from a few event-loop threads (epoll)
-// instead of one thread per stream.
+// StreamRelay: the dataplane's event loops (epoll). They hold every client connection that
+// waits for its next request, serve plain proxied requests themselves, and relay committed
+// streamed responses, so that a request costs no thread hand-off and a stream no thread.
 //
-// A stream costs a pool thread only until its first body byte (the retry window, see Proxy);
-// then the handler hands the client connection (HttpServer::DetachConnection) and the upstream
-// exchange to the relay and returns. A loop thread forwards each upstream piece to the client
-// as it arrives (re-framed as chunked), with backpressure (a client that reads slowly pauses
-// reading its upstream), and ends every stream well-formed where it can: final chunk after the
-// upstream's last byte, an SSE error event when the upstream breaks, stalls past the idle
-// timeout or the replica reaches its drain deadline. A client that leaves cancels its upstream
-// at once. After the last chunk the connection waits in the loop for the client's next request
-// (no thread while idle) and goes back to the server (HttpServer::ResumeConnection) when one
-// arrives.
+// Requests: a connection waiting for its next request sits in a loop (HttpServer parks it
+// there, new connections before their first request too). When a request arrives the loop
+// reads it; if it is a proxied API request that needs nothing of httplib (HTTP/1.1, a
+// Content-Length body or none, no Expect, no percent-encoded path, authenticated, not "stream":
+// true; see Admit) the loop serves it: a ProxyCall picks keys and applies the retry rules, the
+// upstream exchange runs on a pooled keep-alive connection without blocking, and an attempt that
+// needs a new upstream connection (connect, TLS handshake, DNS) runs on a worker thread. Every
+// other request goes back to a server thread with the bytes read so far
+// (HttpServer::ResumeConnection), where httplib serves it as before.
 //
-// Thread-safe. Every stream, socket and timer belongs to one loop thread; Adopt() passes a
-// stream to a loop through a locked queue and an eventfd wake-up.
+// Streams: a stream costs a pool thread only until its first body byte (the retry window, see
+// Proxy); then the handler hands the client connection (HttpServer::DetachConnection) and the
+// upstream exchange to the relay and returns. A chunked or large response of a request the loop
+// serves becomes a relayed stream in place. A loop thread forwards each upstream piece to the
+// client as it arrives (re-framed as chunked), with backpressure (a client that reads slowly
+// pauses reading its upstream), and ends every stream well-formed where it can: final chunk
+// after the upstream's last byte, an SSE error event when the upstream breaks, stalls past the
+// idle timeout or the replica reaches its drain deadline. A client that leaves cancels its
+// upstream at once.
+//
+// Thread-safe. Every connection, socket and timer belongs to one loop thread; Adopt() and Park()
+// pass a connection to a loop through a locked queue and an eventfd wake-up, and worker threads
+// return their results the same way.
 #ifndef SFLB_DATAPLANE_STREAM_RELAY_H_
 #define SFLB_DATAPLANE_STREAM_RELAY_H_
 
@@ -26,6 +37,10 @@
 
 #include "absl/time/time.h"
 #include "common/http_server.h"
+#include "dataplane/elastic_thread_pool.h"
+#include "dataplane/http_wire.h"
+#include "dataplane/proxy.h"
+#include "dataplane/request_record.h"
 #include "dataplane/response_stream.h"
 
 namespace sflb {
@@ -43,13 +58,34 @@ struct StreamRelayOptions {
   size_t max_pending_bytes = 256 * 1024;
   // How often timeouts and the abort flag are checked.
   absl::Duration tick = absl::Milliseconds(100);
+  // Serving requests in the loops (see the file comment): the longest a request may take to
+  // arrive once its first byte did, and the largest body served in a loop (larger ones go to
+  // a server thread, which answers 413).
+  absl::Duration read_timeout = absl::Seconds(60);
+  size_t max_body_bytes = 32 * 1024 * 1024;
+  // The longest wait for an upstream response head (after the request was written).
+  absl::Duration first_byte_timeout = absl::Minutes(10);
+  // Most worker threads that run attempts needing a new upstream connection.
+  size_t max_workers = 1024;
 };
+
+// Decides whether a loop serves a request (complete head and body, already checked to need
+// nothing of httplib): returns its record (request id, client, path filled in), or null to
+// hand the request to a server thread (sflb's own endpoints, failed authentication, anything
+// httplib must answer). `path` is the target's path (no query); `peer_ip` the socket's peer.
+// Called on loop threads; must not block.
+using LoopAdmission = std::function<std::shared_ptr<RequestRecord>(
+    const RequestHead& head, absl::string_view path, absl::string_view body,
+    const std::string& peer_ip)>;
 
 class StreamRelay {
  public:
   // `server` must outlive the relay. `aborting` (called on loop threads) turns true at the
   // replica's drain deadline: every stream then ends with an SSE "shutting down" event.
   StreamRelay(StreamRelayOptions options, HttpServer* server, std::function<bool()> aborting);
+  // With `proxy` and `admit` the loops also serve requests (see the file comment), and
+  // Park() takes connections; `proxy` must outlive the relay.
+  StreamRelay(StreamRelayOptions options, HttpServer* server, Proxy* proxy, LoopAdmission admit);
   // Stop().
   ~StreamRelay();
   StreamRelay(const StreamRelay&) = delete;
@@ -62,6 +98,10 @@ class StreamRelay {
   // taken or written, when the connection cannot be detached; the caller then streams itself.
   bool Adopt(std::unique_ptr<ResponseStream>& stream, std::string head, bool keep_alive);
 
+  // HttpServer's park handler: takes a connection that waits for its next request. False
+  // (nothing taken) when the loops do not serve requests or are stopping.
+  bool Park(int fd);
+
   // Ends every stream and connection the relay holds (streams are cut, their records say
   // "server_shutdown") and joins the loop threads. Idempotent. For the end of the process,
   // after the server has stopped listening and draining.
@@ -72,7 +112,11 @@ class StreamRelay {
 
   const StreamRelayOptions options_;
   HttpServer* const server_;
+  Proxy* const proxy_ = nullptr;
+  const LoopAdmission admit_;
   const std::function<bool()> aborting_;
+  // Attempts that need a new upstream connection (null unless the loops serve requests).
+  std::unique_ptr<ElasticThreadPool> workers_;
   std::vector<std::unique_ptr<Loop>> loops_;
   std::atomic<size_t> next_loop_{0};
   std::atomic<bool> stopped_{false};

@@ -151,6 +151,16 @@ class UpstreamExchange {
   // ReadSome except DEADLINE_EXCEEDED.
   enum class Wait { kNone, kRead, kWrite };
   absl::StatusOr<absl::string_view> TryReadSome(Wait* wait);
+  // For an exchange from UpstreamClient::StartOnPooled (one thread drives it): writes the rest
+  // of the request and reads the response head, never waiting. True once head() is complete
+  // (then use TryReadSome); false while `*wait` says what fd() must become first. No timeout
+  // applies: the caller tracks write and first-byte deadlines itself. Errors as Send's; after
+  // one, stale() tells whether the pooled connection failed before any response byte (the
+  // server had closed it): the request may then be sent again on a fresh connection.
+  absl::StatusOr<bool> TryCompleteHead(Wait* wait);
+  bool stale() const { return stale_; }
+  // The response head is complete (always, for an exchange from Send).
+  bool head_complete() const { return pending_ == nullptr; }
   // The socket of this exchange's connection (for epoll), or -1 once it was closed.
   int fd() const;
 
@@ -182,7 +192,20 @@ class UpstreamExchange {
   absl::StatusOr<absl::string_view> ReadPiece(const std::function<bool()>* should_abort,
                                               Wait* wait);
 
+  // The request still being written and the head being read (StartOnPooled exchanges only).
+  struct Pending {
+    std::string wire;        // serialized head (plus the body when it went in one piece)
+    absl::string_view body;  // the rest of the body; the caller keeps it alive
+    size_t written = 0;      // bytes of wire + body sent
+    bool head_request = false;
+    bool got_bytes = false;  // some response byte arrived
+    size_t scan = 0;
+    int interim = 0;
+  };
+
   std::shared_ptr<upstream_internal::Shared> shared_;
+  std::unique_ptr<Pending> pending_;
+  bool stale_ = false;
   std::shared_ptr<CancelToken> cancel_;  // declared before conn_: the connection refers to it
   std::unique_ptr<upstream_internal::Connection> conn_;
   bool reused_ = false;
@@ -230,6 +253,17 @@ class UpstreamClient {
   absl::StatusOr<std::unique_ptr<UpstreamExchange>> Send(
       const UpstreamRequest& request, const std::function<bool()>& should_abort = nullptr,
       std::shared_ptr<CancelToken> cancel = nullptr);
+
+  // For an event loop: takes a pooled keep-alive connection and prepares `request` on it
+  // without any I/O; drive the exchange with TryCompleteHead. Returns null (OK) when no pooled
+  // connection is idle: connecting may block, so the caller sends through Send on a thread
+  // instead. `request.body` must stay alive until the head is complete. A pooled connection
+  // that fails before any response byte (UpstreamExchange::stale()) should be retried through
+  // Send; CountStaleRetry() then counts it as Send's own retries are counted. Errors:
+  // INVALID_ARGUMENT (as Send), FAILED_PRECONDITION (see init_status()).
+  absl::StatusOr<std::unique_ptr<UpstreamExchange>> StartOnPooled(
+      const UpstreamRequest& request, std::shared_ptr<CancelToken> cancel);
+  void CountStaleRetry();
 
   struct Stats {
     uint64_t connects = 0;         // new connections established (TLS handshake included)
