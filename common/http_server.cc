@@ -125,6 +125,9 @@ class ConnectionStream final : public httplib::Stream {
     absl::string_view data(ptr, size);
     if (held_.empty() && size < 16384 && absl::StartsWith(data, "HTTP/1.") &&
         absl::EndsWith(data, "\r\n\r\n")) {
+      // A handler that answers "Connection: close" (e.g. without reading the request body)
+      // means it: httplib itself only looks at the request's header.
+      if (absl::StrContains(data, "\r\nConnection: close\r\n")) close_requested_ = true;
       held_.assign(ptr, size);
       return static_cast<ssize_t>(size);
     }
@@ -158,6 +161,8 @@ class ConnectionStream final : public httplib::Stream {
     return true;
   }
   bool detached() const { return detached_; }
+  // The last response said "Connection: close".
+  bool close_requested() const { return close_requested_; }
 
   // httplib asks for both addresses on every request; they are looked up once per connection.
   void get_remote_ip_and_port(std::string& ip, int& port) const override {
@@ -240,6 +245,7 @@ class ConnectionStream final : public httplib::Stream {
   size_t off_ = 0;
   size_t len_ = 0;
   bool detached_ = false;
+  bool close_requested_ = false;
   std::string held_;  // a response head waiting for its body
   mutable std::string remote_ip_;
   mutable int remote_port_ = -1;
@@ -451,7 +457,7 @@ bool HttpServer::ServeConnection(::socket_t sock, std::string buffered) {
     t_current = CurrentConnection{};
     if (stream.detached()) return false;
     if (!stream.FlushHead()) break;
-    if (!ok || connection_closed) break;
+    if (!ok || connection_closed || stream.close_requested()) break;
   }
   Forget(sock);
   ::shutdown(sock, SHUT_RDWR);

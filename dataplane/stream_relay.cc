@@ -311,13 +311,14 @@ class StreamRelay::Loop {
       return;
     }
     if (r->phase == Phase::kUpstream || r->phase == Phase::kWorker) {
-      // Only a hang-up or error matters while the upstream works; more bytes (a pipelined
-      // request) or a half-close wait until the response is out: stop watching for them
-      // (the interest comes back when the connection is idle again).
-      if ((events & (EPOLLHUP | EPOLLERR)) != 0) {
+      // A client that closes (or half-closes, as nginx also reads it) while the upstream works
+      // has given up: the upstream request is cancelled. More bytes (a pipelined request) wait
+      // until the response is out: only a close is watched for meanwhile (the interest comes
+      // back when the connection is idle again).
+      if ((events & (EPOLLHUP | EPOLLERR | EPOLLRDHUP)) != 0) {
         ClientGone(r);
       } else {
-        SetClientEvents(r, 0);
+        SetClientEvents(r, EPOLLRDHUP);
       }
       return;
     }
@@ -474,7 +475,11 @@ class StreamRelay::Loop {
 
   void ClientGone(Relayed* r) {
     if (r->stream != nullptr) r->stream->record().stream_end = "client_disconnected";
-    if (r->call != nullptr) r->call->call->record().stream_end = "client_disconnected";
+    if (r->call != nullptr) {
+      // Logged as nginx does: 499, the client closed the request.
+      r->call->call->record().stream_end = "client_disconnected";
+      if (r->call->call->record().status == 0) r->call->call->record().status = 499;
+    }
     Close(r);
   }
 

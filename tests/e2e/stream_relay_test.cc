@@ -1,14 +1,19 @@
-// End-to-end tests of how a dataplane serves streams over one client connection: the event-loop
-// relay (default) and the thread-per-stream path (SFLB_RELAY_THREADS=0) must both frame every
-// response correctly and keep the connection usable after a stream (keep-alive), or close it
-// when the client asked for that.
+// End-to-end tests of how a dataplane serves one client connection: streams through the
+// event-loop relay (default) and the thread-per-stream path (SFLB_RELAY_THREADS=0) must both
+// frame every response correctly and keep the connection usable after a stream (keep-alive), or
+// close it when the client asked for that; plain requests served inside the event loops must
+// follow every rule of the server threads' way (retries, errors, framing, logs), and requests
+// the loops leave to the server threads must be answered in order on the same connection.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <map>
+#include <set>
 #include <string>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -58,6 +63,7 @@ class RawConnection {
     *head = buf_.substr(0, end + 4);
     buf_.erase(0, end + 4);
     body->clear();
+    if (absl::StartsWith(*head, "HTTP/1.1 1")) return true;  // interim (100 Continue): no body
     const std::string lower = Lower(*head);
     if (lower.find("transfer-encoding: chunked") != std::string::npos) {
       for (;;) {
@@ -212,6 +218,281 @@ INSTANTIATE_TEST_SUITE_P(RelayAndThreadPerStream, StreamConnectionTest,
                          [](const ::testing::TestParamInfo<const char*>& param_info) {
                            return std::string(param_info.param) == "0" ? "ThreadPerStream" : "Relay";
                          });
+
+// ---------------------------------------------------------------------------------------------
+// Requests served inside the event loops
+
+std::string PlainRequest(const std::string& method, const std::string& target,
+                         const std::string& body = "", const std::string& extra_headers = "",
+                         const std::string& version = "HTTP/1.1",
+                         const std::string& key = kUserKey) {
+  return absl::StrCat(method, " ", target, " ", version, "\r\nHost: sflb\r\n",
+                      "Authorization: Bearer ", key, "\r\n", extra_headers,
+                      body.empty() && method == "GET"
+                          ? std::string()
+                          : absl::StrCat("Content-Length: ", body.size(), "\r\n"),
+                      "\r\n", body);
+}
+
+std::string ChatBody(int chunks) {
+  return absl::StrCat(R"({"model":"Qwen/Qwen2.5-7B-Instruct","messages":[],"x_n":)", chunks, "}");
+}
+
+std::string HeaderValue(const std::string& head, const std::string& name) {
+  std::string lower_head = head;
+  for (char& c : lower_head) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  size_t pos = lower_head.find("\r\n" + name + ": ");
+  if (pos == std::string::npos) return "";
+  size_t start = pos + 2 + name.size() + 2;
+  return head.substr(start, head.find("\r\n", start) - start);
+}
+
+class LoopServingTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    keys_ = MakeKeys(2);
+    ClusterOptions options;
+    options.key_lines = keys_;
+    options.dataplane_env = {{"SFLB_REQUEST_LOG_FLUSH", "0"},
+                             {"SFLB_FIRST_BYTE_TIMEOUT", "1s"}};
+    absl::Status s = cluster_.Start(options);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+
+  // The request log line with `request_id`.
+  nlohmann::json RequestLine(const std::string& request_id) {
+    absl::StatusOr<nlohmann::json> line = cluster_.dataplane(0).WaitForLog(
+        [&](const nlohmann::json& j) {
+          return j.value("event", "") == "request" && j.value("request_id", "") == request_id;
+        },
+        absl::Seconds(10));
+    EXPECT_TRUE(line.ok()) << line.status();
+    return line.ok() ? *line : nlohmann::json();
+  }
+
+  std::vector<std::string> keys_;
+  TestCluster cluster_;
+};
+
+TEST_F(LoopServingTest, PlainRequestsOnOneConnectionAreFramedAndLoggedEachOnItsOwn) {
+  RawConnection conn(cluster_.dataplane_port(0));
+  ASSERT_TRUE(conn.connected());
+  std::set<std::string> ids;
+  for (int i = 1; i <= 6; ++i) {
+    ASSERT_TRUE(conn.Send(PlainRequest("POST", "/v1/chat/completions", ChatBody(i),
+                                       absl::StrCat("x-fake-chunks: ", i, "\r\n"))));
+    std::string head, body;
+    ASSERT_TRUE(conn.ReadResponse(&head, &body)) << "request " << i;
+    EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 OK\r\n")) << head;
+    EXPECT_EQ(HeaderValue(head, "content-length"), std::to_string(body.size()));
+    EXPECT_EQ(HeaderValue(head, "content-type"), "application/json");
+    EXPECT_EQ(HeaderValue(head, "connection"), "keep-alive");
+    EXPECT_FALSE(HeaderValue(head, "x-siliconcloud-trace-id").empty()) << head;
+    std::string id = HeaderValue(head, "x-request-id");
+    EXPECT_EQ(id.size(), 16u) << head;
+    ids.insert(id);
+    nlohmann::json answer = nlohmann::json::parse(body);
+    EXPECT_EQ(answer["usage"]["completion_tokens"], i);
+    nlohmann::json line = RequestLine(id);
+    EXPECT_EQ(line.value("status", 0), 200);
+    EXPECT_EQ(line.value("attempts", 0), 1);
+    EXPECT_EQ(line.value("path", ""), "/v1/chat/completions");
+    EXPECT_EQ(line.value("model", ""), "Qwen/Qwen2.5-7B-Instruct");
+    EXPECT_EQ(line.value("completion_tokens", 0), i);
+    EXPECT_EQ(line.value("response_bytes", 0u), body.size());
+    EXPECT_EQ(line.value("client_ip", ""), "127.0.0.1");
+  }
+  EXPECT_EQ(ids.size(), 6u);
+  // Round robin over both keys, one upstream request each.
+  nlohmann::json seen = cluster_.FakeRequests();
+  ASSERT_EQ(seen.size(), 6u);
+  std::map<std::string, int> per_key;
+  for (const auto& r : seen) per_key[r.value("key", "")]++;
+  EXPECT_GE(per_key[keys_[0]], 2);
+  EXPECT_GE(per_key[keys_[1]], 2);
+}
+
+TEST_F(LoopServingTest, ARefusedKeyIsRetriedOnTheOtherOne) {
+  cluster_.AddFault({{"key", keys_[0]}, {"action", "status"}, {"status", 429}});
+  RawConnection conn(cluster_.dataplane_port(0));
+  ASSERT_TRUE(conn.connected());
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(conn.Send(PlainRequest("POST", "/v1/chat/completions", ChatBody(1))));
+    std::string head, body;
+    ASSERT_TRUE(conn.ReadResponse(&head, &body));
+    EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head << body;
+  }
+  int refused = 0, served = 0;
+  for (const auto& r : cluster_.FakeRequests()) {
+    if (r.value("key", "") == keys_[0]) {
+      ++refused;
+      EXPECT_EQ(r.value("status", 0), 429);
+    } else {
+      ++served;
+    }
+  }
+  // The 429 blocks the key's account locally at once: it is tried once, not per request.
+  EXPECT_EQ(refused, 1);
+  EXPECT_EQ(served, 4);
+}
+
+TEST_F(LoopServingTest, EveryKeyRateLimitedGives429InOpenAiShape) {
+  cluster_.AddFault({{"action", "status"}, {"status", 429}, {"headers", {{"Retry-After", "7"}}}});
+  RawConnection conn(cluster_.dataplane_port(0));
+  ASSERT_TRUE(conn.connected());
+  ASSERT_TRUE(conn.Send(PlainRequest("POST", "/v1/chat/completions", ChatBody(1))));
+  std::string head, body;
+  ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 429 ")) << head;
+  int retry_after = 0;
+  EXPECT_TRUE(absl::SimpleAtoi(HeaderValue(head, "retry-after"), &retry_after)) << head;
+  EXPECT_GE(retry_after, 1);
+  nlohmann::json error = nlohmann::json::parse(body);
+  EXPECT_EQ(error["error"]["type"], "rate_limit_error");
+  EXPECT_EQ(error["error"]["code"], "rate_limited");
+  nlohmann::json line = RequestLine(HeaderValue(head, "x-request-id"));
+  EXPECT_EQ(line.value("status", 0), 429);
+  EXPECT_EQ(line.value("error_code", ""), "rate_limited");
+  EXPECT_EQ(line.value("attempts", 0), 2);
+  EXPECT_EQ(line["keys"].size(), 2u);
+  // The connection is still good.
+  cluster_.ClearFaults();
+  ASSERT_TRUE(conn.Send(PlainRequest("GET", "/v1/models")));
+  ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+}
+
+TEST_F(LoopServingTest, ABodyThatBreaksOffGives502AndAStalledUpstream504) {
+  RawConnection conn(cluster_.dataplane_port(0));
+  ASSERT_TRUE(conn.connected());
+  cluster_.AddFault({{"action", "cut"}, {"times", 1}});
+  ASSERT_TRUE(conn.Send(PlainRequest("POST", "/v1/chat/completions", ChatBody(1))));
+  std::string head, body;
+  ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 502 ")) << head;
+  EXPECT_EQ(nlohmann::json::parse(body)["error"]["code"], "upstream_broken_response");
+  EXPECT_EQ(RequestLine(HeaderValue(head, "x-request-id")).value("status", 0), 502);
+
+  // SFLB_FIRST_BYTE_TIMEOUT is 1s: each attempt times out, then the client gets 504.
+  cluster_.AddFault({{"action", "stall"}});
+  absl::Time start = absl::Now();
+  ASSERT_TRUE(conn.Send(PlainRequest("POST", "/v1/chat/completions", ChatBody(1))));
+  ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 504 ")) << head;
+  EXPECT_EQ(nlohmann::json::parse(body)["error"]["code"], "upstream_timeout");
+  EXPECT_GE(absl::Now() - start, absl::Seconds(2));  // two attempts of 1s (two keys)
+  cluster_.ClearFaults();
+  ASSERT_TRUE(conn.Send(PlainRequest("POST", "/v1/chat/completions", ChatBody(1))));
+  ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+}
+
+TEST_F(LoopServingTest, RequestsLeftToServerThreadsAreAnsweredInOrderOnTheSameConnection) {
+  RawConnection conn(cluster_.dataplane_port(0));
+  ASSERT_TRUE(conn.connected());
+  std::string head, body;
+  auto exchange = [&](const std::string& request) {
+    EXPECT_TRUE(conn.Send(request));
+    EXPECT_TRUE(conn.ReadResponse(&head, &body)) << request;
+  };
+  // Served in the loop.
+  exchange(PlainRequest("POST", "/v1/chat/completions", ChatBody(1)));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+  // sflb's own endpoint (the old tool's shape): a server thread.
+  exchange(PlainRequest("GET", "/health"));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+  EXPECT_THAT(body, HasSubstr("\"status\""));
+  // A percent-encoded path: httplib decodes it for the access check.
+  exchange(PlainRequest("POST", "/v1/some%20thing", "{}"));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+  EXPECT_EQ(nlohmann::json::parse(body)["echo"]["target"], "/v1/some%20thing");
+  // A chunked request body.
+  exchange(absl::StrCat("POST /v1/echo-me HTTP/1.1\r\nHost: sflb\r\nAuthorization: Bearer ",
+                        kUserKey, "\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+  EXPECT_EQ(nlohmann::json::parse(body)["echo"]["body"], "hello");
+  // Expect: 100-continue.
+  exchange(PlainRequest("POST", "/v1/echo-me", "abc", "Expect: 100-continue\r\n"));
+  if (absl::StartsWith(head, "HTTP/1.1 100")) {
+    ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  }
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+  EXPECT_EQ(nlohmann::json::parse(body)["echo"]["body"], "abc");
+  // HTTP/1.0 with keep-alive (httplib honours exactly "Keep-Alive").
+  exchange(PlainRequest("GET", "/v1/models", "", "Connection: Keep-Alive\r\n", "HTTP/1.0"));
+  EXPECT_THAT(head, HasSubstr(" 200 "));
+  // A stream.
+  exchange(ChatRequest(true));
+  EXPECT_TRUE(absl::EndsWith(body, "data: [DONE]\n\n")) << body;
+  // user/info is refused to a user key.
+  exchange(PlainRequest("GET", "/v1/user/info"));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 403 ")) << head;
+  // Back in the loop.
+  exchange(PlainRequest("POST", "/v1/embeddings", R"({"model":"m","input":"x"})"));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+  EXPECT_THAT(body, HasSubstr("\"embedding\""));
+  // A wrong key: 401 in OpenAI shape, and the connection closes (its body was not read).
+  exchange(PlainRequest("POST", "/v1/chat/completions", ChatBody(1), "", "HTTP/1.1", "wrong"));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 401 ")) << head;
+  EXPECT_EQ(nlohmann::json::parse(body)["error"]["code"], "invalid_api_key");
+  EXPECT_TRUE(conn.ClosedByServer());
+}
+
+TEST_F(LoopServingTest, PipelinedAndTrickledRequestsAreServedInOrder) {
+  RawConnection conn(cluster_.dataplane_port(0));
+  ASSERT_TRUE(conn.connected());
+  std::string three;
+  for (int i = 1; i <= 3; ++i) {
+    three += PlainRequest("POST", "/v1/chat/completions", ChatBody(i),
+                          absl::StrCat("x-fake-chunks: ", i, "\r\n"));
+  }
+  ASSERT_TRUE(conn.Send(three));
+  std::string head, body;
+  for (int i = 1; i <= 3; ++i) {
+    ASSERT_TRUE(conn.ReadResponse(&head, &body)) << i;
+    EXPECT_EQ(nlohmann::json::parse(body)["usage"]["completion_tokens"], i);
+  }
+  // One request in four pieces, with pauses between them.
+  std::string request = PlainRequest("POST", "/v1/chat/completions", ChatBody(4),
+                                     "x-fake-chunks: 4\r\n");
+  size_t quarter = request.size() / 4;
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(conn.Send(request.substr(i * quarter, i == 3 ? std::string::npos : quarter)));
+    absl::SleepFor(absl::Milliseconds(60));
+  }
+  ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  EXPECT_EQ(nlohmann::json::parse(body)["usage"]["completion_tokens"], 4);
+}
+
+TEST_F(LoopServingTest, AClientLeavingMidRequestIsLoggedAndOthersAreServedMeanwhile) {
+  cluster_.AddFault({{"action", "latency"}, {"delay_ms", 1500}, {"times", 1}});
+  std::string id;
+  {
+    RawConnection leaving(cluster_.dataplane_port(0));
+    ASSERT_TRUE(leaving.connected());
+    ASSERT_TRUE(leaving.Send(PlainRequest("POST", "/v1/chat/completions", ChatBody(1))));
+    absl::SleepFor(absl::Milliseconds(200));
+    // Meanwhile another client is served at once.
+    RawConnection other(cluster_.dataplane_port(0));
+    ASSERT_TRUE(other.Send(PlainRequest("GET", "/v1/models")));
+    std::string head, body;
+    absl::Time start = absl::Now();
+    ASSERT_TRUE(other.ReadResponse(&head, &body));
+    EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+    EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+  }  // `leaving` closes here, its request still waiting for the upstream
+  absl::StatusOr<nlohmann::json> line = cluster_.dataplane(0).WaitForLog(
+      [](const nlohmann::json& j) {
+        return j.value("event", "") == "request" &&
+               j.value("stream_end", "") == "client_disconnected";
+      },
+      absl::Seconds(10));
+  ASSERT_TRUE(line.ok()) << line.status();
+  EXPECT_EQ(line->value("path", ""), "/v1/chat/completions");
+  EXPECT_EQ(line->value("status", 0), 499);
+  // Logged when the client left, not when the upstream answered (1.5 s after the request).
+  EXPECT_LT(line->value("total_ms", 1e9), 1200.0);
+}
 
 }  // namespace
 }  // namespace sflb::e2e

@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "gtest/gtest.h"
 
 namespace sflb {
@@ -343,6 +344,98 @@ TEST(SerializeRequestHeadTest, RejectsInjection) {
   EXPECT_EQ(st.message().find("Injected"), absl::string_view::npos);
   headers = {{"X A", "v"}};
   EXPECT_EQ(SerializeRequestHead(in, &out).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ParseRequestHead (the event loop's request parser)
+
+TEST(ParseRequestHeadTest, ParsesRequestLineHeadersAndFraming) {
+  RequestHead h;
+  ASSERT_TRUE(ParseRequestHead("POST /v1/chat/completions?x=1 HTTP/1.1\r\n"
+                               "Host: lb\r\nAuthorization: Bearer k\r\n"
+                               "Content-Length: 12\r\nX-Empty:\r\n\r\n",
+                               &h)
+                  .ok());
+  EXPECT_EQ(h.method, "POST");
+  EXPECT_EQ(h.target, "/v1/chat/completions?x=1");
+  EXPECT_EQ(h.version_minor, 1);
+  ASSERT_EQ(h.headers.size(), 4u);
+  EXPECT_EQ(h.headers[1].name, "Authorization");
+  EXPECT_EQ(h.headers[1].value, "Bearer k");
+  EXPECT_EQ(h.headers[3].value, "");
+  EXPECT_TRUE(h.has_content_length);
+  EXPECT_EQ(h.content_length, 12u);
+  EXPECT_FALSE(h.has_transfer_encoding);
+  EXPECT_FALSE(h.has_expect);
+  EXPECT_TRUE(h.keep_alive);
+  ASSERT_NE(h.Find("authorization"), nullptr);
+  EXPECT_EQ(*h.Find("AUTHORIZATION"), "Bearer k");
+  EXPECT_EQ(h.Find("cookie"), nullptr);
+}
+
+TEST(ParseRequestHeadTest, KeepAliveFollowsVersionAndConnection) {
+  RequestHead h;
+  ASSERT_TRUE(ParseRequestHead("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n", &h).ok());
+  EXPECT_FALSE(h.keep_alive);
+  ASSERT_TRUE(ParseRequestHead("GET / HTTP/1.0\r\n\r\n", &h).ok());
+  EXPECT_EQ(h.version_minor, 0);
+  EXPECT_FALSE(h.keep_alive);
+  ASSERT_TRUE(ParseRequestHead("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", &h).ok());
+  EXPECT_TRUE(h.keep_alive);
+  ASSERT_TRUE(ParseRequestHead("GET / HTTP/1.1\r\nConnection: te, keep-alive\r\n\r\n", &h).ok());
+  EXPECT_TRUE(h.keep_alive);
+}
+
+TEST(ParseRequestHeadTest, FlagsWhatTheLoopLeavesToHttplib) {
+  RequestHead h;
+  ASSERT_TRUE(
+      ParseRequestHead("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", &h).ok());
+  EXPECT_TRUE(h.has_transfer_encoding);
+  ASSERT_TRUE(ParseRequestHead("POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n", &h).ok());
+  EXPECT_TRUE(h.has_expect);
+  // The same length twice is one length; two different ones are an error.
+  ASSERT_TRUE(
+      ParseRequestHead("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", &h)
+          .ok());
+  EXPECT_EQ(h.content_length, 5u);
+}
+
+TEST(ParseRequestHeadTest, RejectsMalformedHeads) {
+  const char* bad[] = {
+      "POST /x HTTP/1.1\n\n",                                   // bare LF
+      "POST /x HTTP/1.1\r\nA: b\n\r\n",                        // bare LF in a header line
+      "POST /x HTTP/1.1\r\nA: b\rc\r\n\r\n",                   // bare CR in a value
+      "POST  /x HTTP/1.1\r\n\r\n",                              // double space
+      "POST /x HTTP/1.1 \r\n\r\n",                              // trailing space
+      "POST x HTTP/1.1\r\n\r\n",                                // not origin-form
+      "POST http://h/x HTTP/1.1\r\n\r\n",                       // absolute-form
+      "POST /x#f HTTP/1.1\r\n\r\n",                             // fragment
+      "POST /x HTTP/2.0\r\n\r\n",                               // version
+      "POST /x HTTP/1.1\r\n",                                   // not terminated
+      "P(ST /x HTTP/1.1\r\n\r\n",                               // method not a token
+      "POST /x HTTP/1.1\r\n Folded: x\r\n\r\n",                 // obs-fold
+      "POST /x HTTP/1.1\r\nBad Name: x\r\n\r\n",                // space in name
+      "POST /x HTTP/1.1\r\nNoColon\r\n\r\n",                    // no colon
+      "POST /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n",         // negative length
+      "POST /x HTTP/1.1\r\nContent-Length: 1,1\r\n\r\n",        // list
+      "POST /x HTTP/1.1\r\nContent-Length: \r\n\r\n",           // empty
+      "POST /x HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",  // too long
+      "POST /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",  // conflicting
+      "POST /x HTTP/1.1\r\n\r\nextra",                          // bytes after the head
+  };
+  for (const char* head : bad) {
+    RequestHead h;
+    absl::Status st = ParseRequestHead(head, &h);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << head;
+    EXPECT_TRUE(absl::StartsWith(st.message(), "malformed request: ")) << st.message();
+  }
+}
+
+TEST(ParseRequestHeadTest, RejectsHeadsLongerThanTheLimit) {
+  std::string head = "GET / HTTP/1.1\r\nX-Big: " + std::string(kMaxRequestHeadBytes, 'a') +
+                     "\r\n\r\n";
+  RequestHead h;
+  EXPECT_EQ(ParseRequestHead(head, &h).code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
