@@ -352,7 +352,9 @@ void HttpServer::ResumeConnection(int fd, std::string buffered) {
   {
     MutexLock lock(&conn_mu_);
     queue = closing_ ? nullptr : queue_;
-    if (queue != nullptr) connections_[fd] = true;
+    // With a request already buffered the connection is busy, not idle (a drain must let it
+    // be answered).
+    if (queue != nullptr) connections_[fd] = buffered.empty();
   }
   if (queue == nullptr) {
     CloseDetached(fd);
@@ -440,7 +442,7 @@ bool HttpServer::ServeConnection(::socket_t sock, std::string buffered) {
     {
       MutexLock lock(&conn_mu_);
       draining = closing_idle_;
-      connections_[sock] = true;  // idle: waiting for the next request
+      connections_[sock] = !stream.has_buffered();  // idle: waiting for the next request
     }
     // A draining server finishes the request a connection was opened for, then closes it.
     if (draining && left != keep_alive_max_count_) break;

@@ -433,11 +433,12 @@ void RegisterDataplaneOptions(OptionParser* parser, DataplaneOptions* o) {
   parser->AddInt("max-body-bytes", "SFLB_MAX_BODY_BYTES", &o->max_body_bytes, 1024,
                  int64_t{1} << 32, "Largest request body accepted (413 beyond)");
   parser->AddInt("max-connections", "SFLB_MAX_CONNECTIONS", &o->max_connections, 16, 1000000,
-                 "Most client requests served at once (one thread each; a stream past its "
-                 "first byte, or an idle connection after it, moves to the relay)");
+                 "Most requests served on threads at once (streams until their first byte, "
+                 "sflb's own endpoints, what the event loops leave to threads), and most "
+                 "workers opening upstream connections");
   parser->AddInt("relay-threads", "SFLB_RELAY_THREADS", &o->relay_threads, 0, 64,
-                 "Event-loop threads that relay streams once committed (0: a thread per "
-                 "stream instead)");
+                 "Event-loop threads: idle client connections, plain proxied requests and "
+                 "committed streams (0: a thread per connection instead)");
   parser->AddDuration("client-read-timeout", "SFLB_CLIENT_READ_TIMEOUT", &o->client_read_timeout,
                       "Timeout reading a request from a client");
   parser->AddDuration("client-write-timeout", "SFLB_CLIENT_WRITE_TIMEOUT",

@@ -47,9 +47,11 @@ struct DataplaneOptions {
   int64_t max_attempts = 3;
   // Largest request body accepted; larger gets 413.
   int64_t max_body_bytes = 32 * 1024 * 1024;
-  // Most requests served at once (one thread each, until a stream moves to the relay); more
-  // wait in a queue.
+  // Most requests served on threads at once (streams until their first byte, sflb's own
+  // endpoints, requests the event loops leave to threads) and most workers opening upstream
+  // connections; more wait in a queue.
   int64_t max_connections = 16384;
+  // Event-loop threads (StreamRelay): idle connections, plain requests, committed streams.
   int64_t relay_threads = 2;
   // Client socket timeouts: reading a request, writing a response piece, idle keep-alive.
   absl::Duration client_read_timeout = absl::Seconds(60);

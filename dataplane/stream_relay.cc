@@ -50,6 +50,10 @@ struct LoopCall {
   absl::Time deadline = absl::InfiniteFuture();  // of the current wait on the upstream
 };
 
+// Longest request target and header line the loops serve (httplib's limits; beyond them it
+// answers 414 or 400 itself).
+constexpr size_t kMaxLineBytes = 8192;
+
 // Largest error body read from an upstream that refused a key.
 constexpr size_t kMaxRefusalBodyBytes = 64 * 1024;
 
@@ -64,6 +68,8 @@ struct Relayed {
   int upstream_fd = -1;  // registered in epoll while >= 0
   Phase phase = Phase::kStreaming;
   bool keep_alive = true;
+  // The body goes out re-framed as chunked (else as is, for a Content-Length response).
+  bool chunked = true;
   std::string out;  // bytes for the client; [out_off, size) still unsent
   size_t out_off = 0;
   uint32_t client_events = 0;    // current epoll interest of client_fd
@@ -82,6 +88,21 @@ struct Relayed {
 // epoll data: the Relayed pointer, low bit set for its upstream socket.
 uint64_t Tag(Relayed* r, bool upstream) {
   return reinterpret_cast<uint64_t>(r) | (upstream ? 1u : 0u);
+}
+
+// The socket's peer address ("" if unknown), for request records.
+std::string PeerIp(int fd) {
+  sockaddr_storage addr{};
+  socklen_t len = sizeof(addr);
+  char ip[INET6_ADDRSTRLEN] = {0};
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    if (addr.ss_family == AF_INET) {
+      inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&addr)->sin_addr, ip, sizeof(ip));
+    } else if (addr.ss_family == AF_INET6) {
+      inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(&addr)->sin6_addr, ip, sizeof(ip));
+    }
+  }
+  return ip;
 }
 
 }  // namespace
@@ -359,7 +380,11 @@ class StreamRelay::Loop {
       }
       r->last_upstream = absl::Now();
       r->stream->Forwarded(*piece);
-      AppendChunk(*piece, &r->out);
+      if (r->chunked) {
+        AppendChunk(*piece, &r->out);
+      } else {
+        r->out.append(piece->data(), piece->size());
+      }
       // Send what is there before reading on: each event reaches the client at once.
       if (!Flush(r)) return;
     }
@@ -440,7 +465,7 @@ class StreamRelay::Loop {
 
   // The upstream body ended completely.
   void CompleteBody(Relayed* r) {
-    r->out.append(kLastChunk);
+    if (r->chunked) r->out.append(kLastChunk);
     StopUpstream(r);
     r->phase = Phase::kFinishing;
     Flush(r);
@@ -450,7 +475,7 @@ class StreamRelay::Loop {
   void EndStream(Relayed* r, const absl::Status& error) {
     absl::optional<std::string> last = r->stream->Ending(error, relay_->aborting_());
     StopUpstream(r);
-    if (!last.has_value()) {
+    if (!last.has_value() || !r->chunked) {  // a body of announced length can only be cut
       Close(r);
       return;
     }
@@ -505,7 +530,7 @@ class StreamRelay::Loop {
   }
 
   void Close(Relayed* r) {
-    EndCall(r);
+    EndCall(r, /*abandon=*/true);
     StopUpstream(r);
     ::epoll_ctl(epfd_, EPOLL_CTL_DEL, r->client_fd, nullptr);
     relay_->server_->CloseDetached(r->client_fd);
@@ -549,6 +574,10 @@ class StreamRelay::Loop {
   // Serves the buffered request in the loop if it is complete and the loop may; hands it back
   // to a server thread if the loop may not; else waits for more bytes.
   void TryServe(Relayed* r) {
+    if (relay_->proxy_ == nullptr) {  // the loops only relay streams
+      Resume(r);
+      return;
+    }
     size_t head_end = FindHeadEnd(r->in, &r->head_scan);
     if (head_end == absl::string_view::npos) {
       if (r->in.size() > kMaxRequestHeadBytes) Resume(r);
@@ -558,6 +587,15 @@ class StreamRelay::Loop {
     if (!ParseRequestHead(absl::string_view(r->in).substr(0, head_end), &head).ok() ||
         head.version_minor != 1 || head.has_transfer_encoding || head.has_expect ||
         head.content_length > relay_->options_.max_body_bytes) {
+      Resume(r);
+      return;
+    }
+    // httplib refuses longer targets (414) and header lines: let it.
+    bool long_line = head.target.size() > kMaxLineBytes;
+    for (const HttpHeader& h : head.headers) {
+      long_line = long_line || h.name.size() + h.value.size() + 2 > kMaxLineBytes;
+    }
+    if (long_line) {
       Resume(r);
       return;
     }
@@ -854,8 +892,13 @@ class StreamRelay::Loop {
     std::vector<HttpHeader> headers = ClientResponseHeaders(head, &content_type);
     headers.push_back({"x-request-id", c.call->record().request_id});
     r->keep_alive = c.keep_alive && !relay_->server_->draining();
-    r->out = ResponseHeadBytes(head.status, headers, content_type, "Transfer-Encoding: chunked",
-                               r->keep_alive);
+    // A body of known length keeps it (as on the server's way); others are re-framed chunked.
+    r->chunked = head.framing != BodyFraming::kContentLength;
+    r->out = ResponseHeadBytes(
+        head.status, headers, content_type,
+        r->chunked ? std::string("Transfer-Encoding: chunked")
+                   : absl::StrCat("Content-Length: ", head.content_length),
+        r->keep_alive);
     r->out_off = 0;
     r->stream = std::make_unique<ResponseStream>(
         std::move(c.exchange), c.call->key(), relay_->proxy_->reports(), c.call->shared_record(),
@@ -867,11 +910,13 @@ class StreamRelay::Loop {
     if (Flush(r)) ReadUpstream(r);
   }
 
-  // The loop is done with the call on `r` (answered, streaming, or abandoned).
-  void EndCall(Relayed* r) {
+  // The loop is done with the call on `r`: answered, streaming (the stream's exchange keeps
+  // obeying the call's cancel token, so it is not cancelled here), or abandoned (`abandon`: a
+  // worker still sending ends at once, the exchange in progress is closed).
+  void EndCall(Relayed* r, bool abandon = false) {
     if (r->call == nullptr) return;
     std::shared_ptr<LoopCall> call = std::move(r->call);
-    call->cancel->Cancel();  // a worker still sending ends at once; harmless otherwise
+    if (abandon) call->cancel->Cancel();
     relay_->proxy_->Forget(call->cancel);
     if (call->exchange != nullptr) DropExchange(r);
     call->exchange.reset();
@@ -969,17 +1014,7 @@ bool StreamRelay::Park(int fd) {
   Loop* loop = loops_[next_loop_.fetch_add(1, std::memory_order_relaxed) % loops_.size()].get();
   if (!loop->ok()) return false;
   auto r = std::make_unique<Relayed>();
-  sockaddr_storage addr{};
-  socklen_t len = sizeof(addr);
-  char ip[INET6_ADDRSTRLEN] = {0};
-  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-    if (addr.ss_family == AF_INET) {
-      inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&addr)->sin_addr, ip, sizeof(ip));
-    } else if (addr.ss_family == AF_INET6) {
-      inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(&addr)->sin6_addr, ip, sizeof(ip));
-    }
-  }
-  r->peer_ip = ip;
+  r->peer_ip = PeerIp(fd);
   int flags = ::fcntl(fd, F_GETFL, 0);
   if (flags >= 0) ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
   r->client_fd = fd;
@@ -1003,6 +1038,7 @@ bool StreamRelay::Adopt(std::unique_ptr<ResponseStream>& stream, std::string hea
   auto r = std::make_unique<Relayed>();
   r->stream = std::move(stream);
   r->client_fd = fd;
+  if (proxy_ != nullptr) r->peer_ip = PeerIp(fd);  // for the requests served after the stream
   r->upstream_fd = upstream_fd;
   r->keep_alive = keep_alive;
   r->out = std::move(head);

@@ -1100,7 +1100,9 @@ UpstreamExchange::~UpstreamExchange() {
   if (!failed_ && !body_done_) ConsumeBuffered();
   conn_->Detach();
   // Checked after Detach: a Cancel() that raced with us has shut the socket down by now.
-  bool reusable = body_done_ && !failed_ && head_.keep_alive && begin_ == end_ &&
+  // An exchange whose head never completed (e.g. left after a 1xx) may still get an answer.
+  bool reusable = pending_ == nullptr && body_done_ && !failed_ && head_.keep_alive &&
+                  begin_ == end_ &&
                   head_.framing != BodyFraming::kUntilClose && !cancel_->cancelled();
   if (reusable) {
     shared_->ReleaseIdle(std::move(conn_));

@@ -387,6 +387,34 @@ TEST_F(LoopServingTest, ABodyThatBreaksOffGives502AndAStalledUpstream504) {
   EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
 }
 
+TEST_F(LoopServingTest, ALargeAnswerIsRelayedWithItsContentLengthAndTheConnectionStaysUsable) {
+  // 300,000 bytes: above the 256 KiB the loop reads whole, so it is relayed as it arrives.
+  constexpr size_t kBytes = 300000;
+  RawConnection conn(cluster_.dataplane_port(0));
+  ASSERT_TRUE(conn.connected());
+  for (int round = 0; round < 2; ++round) {
+    ASSERT_TRUE(conn.Send(PlainRequest("POST", "/v1/files/blob", "{}",
+                                       absl::StrCat("x-fake-response-bytes: ", kBytes, "\r\n"))));
+    std::string head, body;
+    ASSERT_TRUE(conn.ReadResponse(&head, &body)) << "round " << round;
+    EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+    EXPECT_EQ(HeaderValue(head, "content-length"), std::to_string(kBytes)) << head;
+    EXPECT_EQ(HeaderValue(head, "transfer-encoding"), "") << head;
+    ASSERT_EQ(body.size(), kBytes);
+    bool intact = true;
+    for (size_t i = 0; i < kBytes && intact; ++i) intact = body[i] == static_cast<char>('a' + i % 26);
+    EXPECT_TRUE(intact);
+    nlohmann::json line = RequestLine(HeaderValue(head, "x-request-id"));
+    EXPECT_EQ(line.value("status", 0), 200);
+    EXPECT_EQ(line.value("response_bytes", 0u), kBytes);
+    EXPECT_FALSE(line.contains("stream_end")) << line.dump();
+  }
+  ASSERT_TRUE(conn.Send(PlainRequest("GET", "/v1/models")));
+  std::string head, body;
+  ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+}
+
 TEST_F(LoopServingTest, RequestsLeftToServerThreadsAreAnsweredInOrderOnTheSameConnection) {
   RawConnection conn(cluster_.dataplane_port(0));
   ASSERT_TRUE(conn.connected());
