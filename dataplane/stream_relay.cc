@@ -46,6 +46,7 @@ struct LoopCall {
   bool keep_alive = true;
   std::unique_ptr<UpstreamExchange> exchange;  // the attempt in progress
   bool refused = false;  // reading the error body of a refused key (else a committed body)
+  bool awaiting_first_byte = false;  // a stream's first body byte, before committing
   std::string response_body;
   absl::Time deadline = absl::InfiniteFuture();  // of the current wait on the upstream
 };
@@ -620,9 +621,7 @@ class StreamRelay::Loop {
     }
     absl::string_view body = absl::string_view(r->in).substr(head_end);
     BodySummary summary = SummarizeBody(body);
-    std::shared_ptr<RequestRecord> record;
-    // Streams keep the first-byte retry window of the server's way (see Proxy::Forward).
-    if (!summary.stream) record = relay_->admit_(head, path, body, r->peer_ip);
+    std::shared_ptr<RequestRecord> record = relay_->admit_(head, path, body, r->peer_ip);
     if (record == nullptr) {
       Resume(r);
       return;
@@ -753,6 +752,10 @@ class StreamRelay::Loop {
       OnHead(r);
       return;
     }
+    if (c.awaiting_first_byte) {
+      ReadFirstByte(r);
+      return;
+    }
     ReadCallBody(r);
   }
 
@@ -768,18 +771,67 @@ class StreamRelay::Loop {
       return;
     }
     c.refused = false;
+    const bool whole = head.framing == BodyFraming::kContentLength &&
+                       static_cast<size_t>(head.content_length) <=
+                           relay_->proxy_->options().buffer_limit;
+    if (head.framing != BodyFraming::kNone && !whole && c.call->summary().stream &&
+        head.status < 300) {
+      // A stream must show its first byte before sflb commits to it: a stall is retried on
+      // another key (as on the server's way, see Proxy::Forward).
+      c.awaiting_first_byte = true;
+      c.deadline = absl::Now() + relay_->proxy_->options().stream_first_byte_timeout;
+      ReadFirstByte(r);
+      return;
+    }
     c.call->Commit(head);
     if (head.framing == BodyFraming::kNone) {
       AnswerCommitted(r);
       return;
     }
-    if (head.framing == BodyFraming::kContentLength &&
-        static_cast<size_t>(head.content_length) <= relay_->proxy_->options().buffer_limit) {
+    if (whole) {
       c.response_body.reserve(static_cast<size_t>(head.content_length));
       ReadCallBody(r);
       return;
     }
-    StreamCommitted(r);
+    StreamCommitted(r, absl::string_view());
+  }
+
+  // A stream's first body bytes, before committing to it.
+  void ReadFirstByte(Relayed* r) {
+    LoopCall& c = *r->call;
+    UpstreamExchange::Wait wait;
+    absl::StatusOr<absl::string_view> piece = c.exchange->TryReadSome(&wait);
+    if (!piece.ok()) {
+      StreamStalled(r, piece.status(), /*stalled=*/false);
+      return;
+    }
+    if (piece->empty() && wait != UpstreamExchange::Wait::kNone) {
+      SetUpstreamEvents(r, wait == UpstreamExchange::Wait::kWrite ? EPOLLOUT : EPOLLIN);
+      return;
+    }
+    // Some bytes, or a body that ended empty: commit.
+    c.awaiting_first_byte = false;
+    c.call->Commit(c.exchange->head());
+    StreamCommitted(r, *piece);
+  }
+
+  // A stream broke or stalled before its first byte: the next attempt.
+  void StreamStalled(Relayed* r, const absl::Status& error, bool stalled) {
+    LoopCall& c = *r->call;
+    const int status = c.exchange->head().status;
+    c.awaiting_first_byte = false;
+    DropExchange(r);
+    if (relay_->proxy_->aborting()) {
+      Answer(r, c.call->ShuttingDown());
+      return;
+    }
+    c.call->TransportFailed(
+        stalled ? absl::DeadlineExceededError(absl::StrCat(
+                      "no first byte within ",
+                      absl::FormatDuration(relay_->proxy_->options().stream_first_byte_timeout)))
+                : error,
+        stalled ? "first_byte_timeout" : "transport", status, "upstream_stream_stalled");
+    NextAttempt(r);
   }
 
   // Reads a refused key's error body or a committed plain body, as far as it has arrived.
@@ -845,7 +897,9 @@ class StreamRelay::Loop {
         head_wait ? "upstream response head: timed out after " : "upstream body: no data for ",
         absl::FormatDuration(head_wait ? relay_->options_.first_byte_timeout
                                        : relay_->options_.idle_timeout)));
-    if (head_wait) {
+    if (c.awaiting_first_byte) {
+      StreamStalled(r, error, /*stalled=*/true);
+    } else if (head_wait) {
       AttemptFailed(r, error);
     } else {
       BodyDone(r, error);
@@ -884,8 +938,9 @@ class StreamRelay::Loop {
     Flush(r);
   }
 
-  // A chunked or large committed response: relayed as a stream from here.
-  void StreamCommitted(Relayed* r) {
+  // A chunked or large committed response: relayed as a stream from here, starting with
+  // `first` (body bytes already read).
+  void StreamCommitted(Relayed* r, absl::string_view first) {
     LoopCall& c = *r->call;
     const ResponseHead& head = c.exchange->head();
     std::string content_type;
@@ -903,6 +958,12 @@ class StreamRelay::Loop {
     r->stream = std::make_unique<ResponseStream>(
         std::move(c.exchange), c.call->key(), relay_->proxy_->reports(), c.call->shared_record(),
         relay_->proxy_->metrics(), absl::StartsWithIgnoreCase(content_type, "text/event-stream"));
+    r->stream->Forwarded(first);
+    if (r->chunked) {
+      AppendChunk(first, &r->out);
+    } else {
+      r->out.append(first.data(), first.size());
+    }
     EndCall(r);
     r->phase = Phase::kStreaming;
     r->last_upstream = absl::Now();

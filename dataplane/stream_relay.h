@@ -5,17 +5,18 @@
 // Requests: a connection waiting for its next request sits in a loop (HttpServer parks it
 // there, new connections before their first request too). When a request arrives the loop
 // reads it; if it is a proxied API request that needs nothing of httplib (HTTP/1.1, a
-// Content-Length body or none, no Expect, no percent-encoded path, authenticated, not "stream":
-// true; see Admit) the loop serves it: a ProxyCall picks keys and applies the retry rules, the
+// Content-Length body or none, no Expect, no percent-encoded path, authenticated; see
+// LoopAdmission) the loop serves it: a ProxyCall picks keys and applies the retry rules (a
+// stream's first byte included), the
 // upstream exchange runs on a pooled keep-alive connection without blocking, and an attempt that
 // needs a new upstream connection (connect, TLS handshake, DNS) runs on a worker thread. Every
 // other request goes back to a server thread with the bytes read so far
 // (HttpServer::ResumeConnection), where httplib serves it as before.
 //
-// Streams: a stream costs a pool thread only until its first body byte (the retry window, see
-// Proxy); then the handler hands the client connection (HttpServer::DetachConnection) and the
-// upstream exchange to the relay and returns. A chunked or large response of a request the loop
-// serves becomes a relayed stream in place. A loop thread forwards each upstream piece to the
+// Streams: a stream the loop serves is relayed in place once committed. One a server thread
+// serves (SFLB_RELAY_THREADS requests it cannot take, e.g. HTTP/1.0) costs the thread only
+// until its first body byte (the retry window, see Proxy); then the handler hands the client
+// connection (HttpServer::DetachConnection) and the upstream exchange to the relay and returns. A loop thread forwards each upstream piece to the
 // client as it arrives (re-framed as chunked), with backpressure (a client that reads slowly
 // pauses reading its upstream), and ends every stream well-formed where it can: final chunk
 // after the upstream's last byte, an SSE error event when the upstream breaks, stalls past the

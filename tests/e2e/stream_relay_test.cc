@@ -254,7 +254,8 @@ class LoopServingTest : public ::testing::Test {
     ClusterOptions options;
     options.key_lines = keys_;
     options.dataplane_env = {{"SFLB_REQUEST_LOG_FLUSH", "0"},
-                             {"SFLB_FIRST_BYTE_TIMEOUT", "1s"}};
+                             {"SFLB_FIRST_BYTE_TIMEOUT", "1s"},
+                             {"SFLB_STREAM_FIRST_BYTE_TIMEOUT", "1s"}};
     absl::Status s = cluster_.Start(options);
     ASSERT_TRUE(s.ok()) << s;
   }
@@ -385,6 +386,36 @@ TEST_F(LoopServingTest, ABodyThatBreaksOffGives502AndAStalledUpstream504) {
   ASSERT_TRUE(conn.Send(PlainRequest("POST", "/v1/chat/completions", ChatBody(1))));
   ASSERT_TRUE(conn.ReadResponse(&head, &body));
   EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+}
+
+TEST_F(LoopServingTest, AStreamWithoutAFirstByteIsRetriedThenAnswered504) {
+  // Headers at once, the first event after 3 s: past SFLB_STREAM_FIRST_BYTE_TIMEOUT (1 s) on
+  // both keys.
+  RawConnection conn(cluster_.dataplane_port(0));
+  ASSERT_TRUE(conn.connected());
+  const std::string stream_body =
+      R"({"model":"Qwen/Qwen2.5-7B-Instruct","stream":true,"messages":[]})";
+  ASSERT_TRUE(conn.Send(PlainRequest("POST", "/v1/chat/completions", stream_body,
+                                     "x-fake-first-chunk-delay-ms: 3000\r\n")));
+  std::string head, body;
+  ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 504 ")) << head;
+  EXPECT_EQ(nlohmann::json::parse(body)["error"]["code"], "upstream_timeout");
+  nlohmann::json line = RequestLine(HeaderValue(head, "x-request-id"));
+  EXPECT_EQ(line.value("attempts", 0), 2);
+  EXPECT_TRUE(line.value("stream", false));
+  int stalled = 0;
+  for (const nlohmann::json& l : cluster_.dataplane(0).LogLines()) {
+    stalled += l.value("event", "") == "upstream_stream_stalled" ? 1 : 0;
+  }
+  EXPECT_EQ(stalled, 2);
+  // A stream that starts in time is relayed event by event on the same connection.
+  ASSERT_TRUE(conn.Send(ChatRequest(true)));
+  ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 ")) << head;
+  EXPECT_TRUE(absl::EndsWith(body, "data: [DONE]\n\n")) << body;
+  line = RequestLine(HeaderValue(head, "x-request-id"));
+  EXPECT_EQ(line.value("completion_tokens", 0), 5);
 }
 
 TEST_F(LoopServingTest, ALargeAnswerIsRelayedWithItsContentLengthAndTheConnectionStaysUsable) {
