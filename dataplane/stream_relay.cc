@@ -677,31 +677,33 @@ class StreamRelay::Loop {
     }
   }
 
-  // An attempt needs a new upstream connection: a worker sends it (connecting may block).
+  // An attempt needs a new upstream connection: a worker opens it (DNS, connect and TLS
+  // handshake may block); the loop then sends the request on it.
   void RunOnWorker(Relayed* r) {
     r->phase = Phase::kWorker;
     std::shared_ptr<LoopCall> call = r->call;
     UpstreamClient* client = relay_->proxy_->client();
     relay_->workers_->enqueue([this, r, call, client]() mutable {
-      absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent =
-          client->Send(call->call->request(), nullptr, call->cancel);
-      PostSent(r, std::move(call), std::move(sent));
+      absl::StatusOr<std::unique_ptr<UpstreamExchange>> opened =
+          client->Open(call->call->request(), call->cancel);
+      PostSent(r, std::move(call), std::move(opened));
     });
   }
 
-  // A worker's attempt is back (the response head is in, or it failed).
-  void OnSent(Relayed* r, absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent) {
+  // A worker's connection is back (or the connect failed).
+  void OnSent(Relayed* r, absl::StatusOr<std::unique_ptr<UpstreamExchange>> opened) {
     LoopCall& c = *r->call;
-    if (!sent.ok()) {
-      AttemptFailed(r, sent.status());
+    if (!opened.ok()) {
+      AttemptFailed(r, opened.status());
       return;
     }
-    c.exchange = std::move(*sent);
+    c.exchange = std::move(*opened);
+    c.deadline = absl::Now() + relay_->options_.first_byte_timeout;
     r->upstream_fd = c.exchange->fd();
     r->upstream_events = 0;
     r->upstream_paused = false;
     r->phase = Phase::kUpstream;
-    OnHead(r);
+    AdvanceCall(r);
   }
 
   // The current attempt failed before anything was committed: the next one, or the answer.

@@ -9,7 +9,8 @@
 // LoopAdmission) the loop serves it: a ProxyCall picks keys and applies the retry rules (a
 // stream's first byte included), the
 // upstream exchange runs on a pooled keep-alive connection without blocking, and an attempt that
-// needs a new upstream connection (connect, TLS handshake, DNS) runs on a worker thread. Every
+// needs a new upstream connection has a worker thread open it (DNS, connect, TLS handshake), then
+// continues in the loop. Every
 // other request goes back to a server thread with the bytes read so far
 // (HttpServer::ResumeConnection), where httplib serves it as before.
 //

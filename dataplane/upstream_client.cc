@@ -1253,6 +1253,16 @@ absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::Send(
 
 absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::StartOnPooled(
     const UpstreamRequest& request, std::shared_ptr<CancelToken> cancel) {
+  return Start(request, std::move(cancel), /*pooled_only=*/true);
+}
+
+absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::Open(
+    const UpstreamRequest& request, std::shared_ptr<CancelToken> cancel) {
+  return Start(request, std::move(cancel), /*pooled_only=*/false);
+}
+
+absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::Start(
+    const UpstreamRequest& request, std::shared_ptr<CancelToken> cancel, bool pooled_only) {
   Shared& s = *shared_;
   if (!s.init_status.ok()) {
     return absl::FailedPreconditionError(
@@ -1274,13 +1284,22 @@ absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::StartOnPooled(
     pending->body = absl::string_view();
   }
   pending->head_request = request.method == "HEAD";
-  std::unique_ptr<Connection> conn = s.TakeIdle();
-  if (conn == nullptr) return std::unique_ptr<UpstreamExchange>();
   if (cancel == nullptr) cancel = std::make_shared<CancelToken>();
-  s.reuses.fetch_add(1, std::memory_order_relaxed);
-  conn->Attach(cancel.get());
+  std::unique_ptr<Connection> conn;
+  if (pooled_only) {
+    conn = s.TakeIdle();
+    if (conn == nullptr) return std::unique_ptr<UpstreamExchange>();
+    s.reuses.fetch_add(1, std::memory_order_relaxed);
+    conn->Attach(cancel.get());
+  } else {
+    const std::function<bool()> no_abort;
+    absl::StatusOr<std::unique_ptr<Connection>> fresh =
+        s.Connect(WaitCtx{&no_abort, cancel.get(), s.options.abort_poll_interval});
+    if (!fresh.ok()) return fresh.status();
+    conn = std::move(*fresh);
+  }
   std::unique_ptr<UpstreamExchange> ex(
-      new UpstreamExchange(shared_, std::move(conn), std::move(cancel), /*reused=*/true));
+      new UpstreamExchange(shared_, std::move(conn), std::move(cancel), pooled_only));
   ex->pending_ = std::move(pending);
   return ex;
 }
@@ -1290,7 +1309,8 @@ absl::StatusOr<bool> UpstreamExchange::TryCompleteHead(Wait* wait) {
   if (failed_) return absl::FailedPreconditionError("upstream exchange already failed");
   absl::StatusOr<bool> done = UpstreamExchangeIo::TryCompleteHead(this, wait);
   if (!done.ok()) {
-    stale_ = !pending_->got_bytes && absl::IsUnavailable(done.status()) && !cancel_->cancelled();
+    stale_ = reused_ && !pending_->got_bytes && absl::IsUnavailable(done.status()) &&
+             !cancel_->cancelled();
     return Fail(done.status());
   }
   if (*done) pending_.reset();

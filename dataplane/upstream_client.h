@@ -263,6 +263,11 @@ class UpstreamClient {
   // INVALID_ARGUMENT (as Send), FAILED_PRECONDITION (see init_status()).
   absl::StatusOr<std::unique_ptr<UpstreamExchange>> StartOnPooled(
       const UpstreamRequest& request, std::shared_ptr<CancelToken> cancel);
+  // For a worker thread serving an event loop: like StartOnPooled, on a new connection (DNS,
+  // connect, TLS handshake: blocking, with the connect timeout and `cancel`); the loop then
+  // drives the exchange with TryCompleteHead. Errors: those of Send's connect phase.
+  absl::StatusOr<std::unique_ptr<UpstreamExchange>> Open(const UpstreamRequest& request,
+                                                         std::shared_ptr<CancelToken> cancel);
   void CountStaleRetry();
 
   struct Stats {
@@ -275,6 +280,10 @@ class UpstreamClient {
   Stats GetStats() const;
 
  private:
+  absl::StatusOr<std::unique_ptr<UpstreamExchange>> Start(const UpstreamRequest& request,
+                                                          std::shared_ptr<CancelToken> cancel,
+                                                          bool pooled_only);
+
   std::shared_ptr<upstream_internal::Shared> shared_;
 };
 
