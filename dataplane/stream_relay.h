@@ -1,28 +1,27 @@
 // StreamRelay: the dataplane's event loops (epoll). They hold every client connection that
-// waits for its next request, serve plain proxied requests themselves, and relay committed
-// streamed responses, so that a request costs no thread hand-off and a stream no thread.
+// waits for its next request, serve proxied requests themselves, and relay committed streamed
+// responses, so that a request costs no thread hand-off and a stream no thread.
 //
 // Requests: a connection waiting for its next request sits in a loop (HttpServer parks it
 // there, new connections before their first request too). When a request arrives the loop
 // reads it; if it is a proxied API request that needs nothing of httplib (HTTP/1.1, a
 // Content-Length body or none, no Expect, no percent-encoded path, authenticated; see
 // LoopAdmission) the loop serves it: a ProxyCall picks keys and applies the retry rules (a
-// stream's first byte included), the
-// upstream exchange runs on a pooled keep-alive connection without blocking, and an attempt that
-// needs a new upstream connection has a worker thread open it (DNS, connect, TLS handshake), then
-// continues in the loop. Every
-// other request goes back to a server thread with the bytes read so far
-// (HttpServer::ResumeConnection), where httplib serves it as before.
+// stream's first byte included), the upstream exchange runs on a pooled keep-alive connection
+// without blocking, and an attempt that needs a new upstream connection has a worker thread
+// open it (DNS, connect, TLS handshake), then continues in the loop. Every other request goes
+// back to a server thread with the bytes read so far (HttpServer::ResumeConnection), where
+// httplib serves it as before.
 //
 // Streams: a stream the loop serves is relayed in place once committed. One a server thread
-// serves (SFLB_RELAY_THREADS requests it cannot take, e.g. HTTP/1.0) costs the thread only
-// until its first body byte (the retry window, see Proxy); then the handler hands the client
-// connection (HttpServer::DetachConnection) and the upstream exchange to the relay and returns. A loop thread forwards each upstream piece to the
-// client as it arrives (re-framed as chunked), with backpressure (a client that reads slowly
-// pauses reading its upstream), and ends every stream well-formed where it can: final chunk
-// after the upstream's last byte, an SSE error event when the upstream breaks, stalls past the
-// idle timeout or the replica reaches its drain deadline. A client that leaves cancels its
-// upstream at once.
+// serves (a request the loops leave to it, e.g. HTTP/1.0) costs the thread only until its
+// first body byte (the retry window, see Proxy); then the handler hands the client connection
+// (HttpServer::DetachConnection) and the upstream exchange to the relay and returns. A loop
+// thread forwards each upstream piece to the client as it arrives (re-framed as chunked unless
+// its length is known), with backpressure (a client that reads slowly pauses reading its
+// upstream), and ends every stream well-formed where it can: final chunk after the upstream's
+// last byte, an SSE error event when the upstream breaks, stalls past the idle timeout or the
+// replica reaches its drain deadline. A client that leaves cancels its upstream at once.
 //
 // Thread-safe. Every connection, socket and timer belongs to one loop thread; Adopt() and Park()
 // pass a connection to a loop through a locked queue and an eventfd wake-up, and worker threads
