@@ -921,6 +921,138 @@ TEST(UpstreamClientTest, PlainWriteToResetConnectionDoesNotRaiseSigpipe) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
+// The event-loop API (StartOnPooled / Open / TryCompleteHead / TryReadSome), driven with poll()
+// as a loop would
+
+absl::Status DriveHead(UpstreamExchange* ex) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  for (;;) {
+    UpstreamExchange::Wait wait;
+    absl::StatusOr<bool> done = ex->TryCompleteHead(&wait);
+    if (!done.ok()) return done.status();
+    if (*done) return absl::OkStatus();
+    if (absl::Now() > deadline) return absl::DeadlineExceededError("head");
+    EXPECT_NE(wait, UpstreamExchange::Wait::kNone);
+    pollfd p{ex->fd(), static_cast<short>(wait == UpstreamExchange::Wait::kWrite ? POLLOUT : POLLIN),
+             0};
+    ::poll(&p, 1, 100);
+  }
+}
+
+absl::StatusOr<std::string> DriveBody(UpstreamExchange* ex) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  std::string body;
+  for (;;) {
+    UpstreamExchange::Wait wait;
+    absl::StatusOr<absl::string_view> piece = ex->TryReadSome(&wait);
+    if (!piece.ok()) return piece.status();
+    if (!piece->empty()) {
+      body.append(piece->data(), piece->size());
+      continue;
+    }
+    if (wait == UpstreamExchange::Wait::kNone) return body;
+    if (absl::Now() > deadline) return absl::DeadlineExceededError("body");
+    pollfd p{ex->fd(), static_cast<short>(wait == UpstreamExchange::Wait::kWrite ? POLLOUT : POLLIN),
+             0};
+    ::poll(&p, 1, 100);
+  }
+}
+
+TEST(UpstreamClientLoopTest, OpenThenPooledExchangesWithoutBlocking) {
+  httplib::Server svr;
+  svr.Post("/echo", [](const httplib::Request& req, httplib::Response& res) {
+    res.set_content("echo:" + req.body, "text/plain");
+  });
+  HttplibRunner run(&svr);
+  UpstreamClient client(Endpoint(run.port()), {});
+  UpstreamRequest post = Get("/echo");
+  post.method = "POST";
+  const std::string small = "hello";
+  const std::string big(300 * 1024, 'x');  // beyond the one-write limit: head and body apart
+  post.body = small;
+  // Nothing pooled yet: the loop must hand the attempt to a worker.
+  absl::StatusOr<std::unique_ptr<UpstreamExchange>> none = client.StartOnPooled(post, nullptr);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(*none, nullptr);
+  auto ex = client.Open(post, nullptr);
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  EXPECT_FALSE((*ex)->head_complete());
+  EXPECT_FALSE((*ex)->reused_connection());
+  ASSERT_TRUE(DriveHead(ex->get()).ok());
+  EXPECT_TRUE((*ex)->head_complete());
+  EXPECT_EQ((*ex)->head().status, 200);
+  EXPECT_EQ(*DriveBody(ex->get()), "echo:hello");
+  ex->reset();  // pooled again
+  for (const std::string* body : {&small, &big}) {
+    post.body = *body;
+    ex = client.StartOnPooled(post, nullptr);
+    ASSERT_TRUE(ex.ok()) << ex.status();
+    ASSERT_NE(*ex, nullptr);
+    EXPECT_TRUE((*ex)->reused_connection());
+    ASSERT_TRUE(DriveHead(ex->get()).ok());
+    EXPECT_EQ(*DriveBody(ex->get()), "echo:" + *body);
+    ex->reset();
+  }
+  UpstreamClient::Stats stats = client.GetStats();
+  EXPECT_EQ(stats.connects, 1u);
+  EXPECT_EQ(stats.reuses, 2u);
+  EXPECT_EQ(stats.idle_now, 1u);
+}
+
+TEST(UpstreamClientLoopTest, APooledConnectionTheServerClosedIsFlaggedStale) {
+  RawServer raw([](RawServer* s, int fd, int index) {
+    if (s->ReadRequestHead(fd).empty()) return;
+    if (index == 0) {
+      RawServer::WriteAll(fd, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+      s->ReadRequestHead(fd);
+      ::shutdown(fd, SHUT_RDWR);  // the keep-alive race: gone without answering
+      return;
+    }
+    RawServer::WriteAll(fd, "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n");
+    ::shutdown(fd, SHUT_RDWR);
+  });
+  UpstreamClient client(Endpoint(raw.port()), {});
+  auto ex = client.Open(Get("/a"), nullptr);
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  ASSERT_TRUE(DriveHead(ex->get()).ok());
+  EXPECT_EQ(*DriveBody(ex->get()), "ok");
+  ex->reset();
+  ex = client.StartOnPooled(Get("/b"), nullptr);
+  ASSERT_TRUE(ex.ok() && *ex != nullptr);
+  absl::Status st = DriveHead(ex->get());
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  EXPECT_TRUE((*ex)->stale());
+  ex->reset();
+  // A fresh connection that fails before answering is not stale: its error is the upstream's.
+  ex = client.Open(Get("/c"), nullptr);
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  ASSERT_TRUE(DriveHead(ex->get()).ok());
+  EXPECT_EQ((*ex)->head().status, 500);
+  EXPECT_FALSE((*ex)->stale());
+}
+
+TEST(UpstreamClientLoopTest, AnExchangeLeftAfterAnInterimResponseIsNotPooled) {
+  RawServer raw([](RawServer* s, int fd, int) {
+    if (s->ReadRequestHead(fd).empty()) return;
+    RawServer::WriteAll(fd, "HTTP/1.1 100 Continue\r\n\r\n");
+    s->Hang(fd);  // the final answer never comes (a loop gives up at its deadline)
+  });
+  UpstreamClient client(Endpoint(raw.port()), {});
+  auto ex = client.Open(Get("/a"), nullptr);
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  const absl::Time until = absl::Now() + absl::Milliseconds(300);
+  while (absl::Now() < until) {
+    UpstreamExchange::Wait wait;
+    absl::StatusOr<bool> done = (*ex)->TryCompleteHead(&wait);
+    ASSERT_TRUE(done.ok()) << done.status();
+    ASSERT_FALSE(*done);
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ex->reset();
+  EXPECT_EQ(client.GetStats().idle_now, 0u);
+}
+
 // TLS
 
 class TlsTest : public ::testing::Test {
@@ -966,6 +1098,25 @@ TEST_F(TlsTest, RoundTripWithVerification) {
   ex->reset();
   EXPECT_EQ(client.GetStats().connects, 1u);
   EXPECT_EQ(client.GetStats().reuses, 2u);
+}
+
+TEST_F(TlsTest, LoopExchangesOverTls) {
+  UpstreamClient client(Endpoint(runner_->port(), true, "localhost"), TrustingOptions());
+  auto ex = client.Open(Get("/v1/models"), nullptr);
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  ASSERT_TRUE(DriveHead(ex->get()).ok());
+  EXPECT_EQ(*DriveBody(ex->get()), absl::StrCat("tls:localhost:", runner_->port()));
+  ex->reset();
+  const std::string big(200 * 1024, 'b');
+  UpstreamRequest post = Get("/upload");
+  post.method = "POST";
+  post.body = big;
+  ex = client.StartOnPooled(post, nullptr);
+  ASSERT_TRUE(ex.ok() && *ex != nullptr);
+  ASSERT_TRUE(DriveHead(ex->get()).ok());
+  EXPECT_EQ(*DriveBody(ex->get()), std::to_string(big.size()));
+  ex->reset();
+  EXPECT_EQ(client.GetStats().connects, 1u);
 }
 
 TEST_F(TlsTest, NewConnectionsResumeTheSession) {
