@@ -123,11 +123,15 @@ class ConnectionStream final : public httplib::Stream {
   ssize_t write(const char* ptr, size_t size) override {
     if (detached_) return static_cast<ssize_t>(size);  // httplib's answer is discarded
     absl::string_view data(ptr, size);
-    if (held_.empty() && size < 16384 && absl::StartsWith(data, "HTTP/1.") &&
-        absl::EndsWith(data, "\r\n\r\n")) {
-      // A handler that answers "Connection: close" (e.g. without reading the request body)
-      // means it: httplib itself only looks at the request's header.
-      if (absl::StrContains(data, "\r\nConnection: close\r\n")) close_requested_ = true;
+    const bool head = size < 16384 && absl::StartsWith(data, "HTTP/1.") &&
+                      absl::EndsWith(data, "\r\n\r\n");
+    // A handler that answers "Connection: close" (e.g. without reading the request body) means
+    // it: httplib itself only looks at the request's header.
+    if (head && absl::StrContains(data, "\r\nConnection: close\r\n")) close_requested_ = true;
+    // A "100 Continue" still held when the final answer comes was never earned (the handler
+    // did not read the body): it must not invite the client to send it.
+    if (head && absl::StartsWith(held_, "HTTP/1.1 100")) held_.clear();
+    if (held_.empty() && head) {
       held_.assign(ptr, size);
       return static_cast<ssize_t>(size);
     }

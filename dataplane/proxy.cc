@@ -185,10 +185,14 @@ void ProxyCall::TransportFailed(const absl::Status& error, absl::string_view ret
                          {"error", std::string(error.message())}});
 }
 
-void ProxyCall::KeyRefused(const ResponseHead& head, std::string body, const absl::Status& read) {
+void ProxyCall::SawHead(const ResponseHead& head) {
   if (const std::string* trace = head.Find("x-siliconcloud-trace-id")) {
     record_->upstream_trace_id = *trace;
   }
+}
+
+void ProxyCall::KeyRefused(const ResponseHead& head, std::string body, const absl::Status& read) {
+  SawHead(head);
   std::string message = ExtractErrorMessage(body);
   absl::optional<absl::Duration> retry_after;
   if (const std::string* ra = head.Find("Retry-After")) {
@@ -223,9 +227,7 @@ void ProxyCall::KeyRefused(const ResponseHead& head, std::string body, const abs
 }
 
 void ProxyCall::Commit(const ResponseHead& head) {
-  if (const std::string* trace = head.Find("x-siliconcloud-trace-id")) {
-    record_->upstream_trace_id = *trace;
-  }
+  SawHead(head);
   if (probe_) {
     Report(v1::OUTCOME_KIND_SUCCESS, head.status, "", absl::nullopt);
     EndProbe();
@@ -440,6 +442,7 @@ void Proxy::Forward(const httplib::Request& req, const std::string& path, std::s
                           "no first byte within ",
                           absl::FormatDuration(options_.stream_first_byte_timeout)))
                     : first.status();
+        call.SawHead(head);
         call.TransportFailed(error, stalled ? "first_byte_timeout" : "transport", head.status,
                              "upstream_stream_stalled");
         continue;

@@ -69,6 +69,8 @@ class ProxyCall {
   const std::shared_ptr<RequestRecord>& shared_record() const { return record_; }
   const BodySummary& summary() const { return summary_; }
 
+  // The attempt's response head arrived (its trace id goes to the record whatever follows).
+  void SawHead(const ResponseHead& head);
   // Outcomes; each ends the current attempt.
   // The exchange failed before anything reached the client. `retry_reason` labels the retry
   // metric ("transport", "first_byte_timeout"); `status` is the HTTP status seen, if any.

@@ -47,6 +47,7 @@ struct LoopCall {
   std::unique_ptr<UpstreamExchange> exchange;  // the attempt in progress
   bool refused = false;  // reading the error body of a refused key (else a committed body)
   bool awaiting_first_byte = false;  // a stream's first body byte, before committing
+  uint64_t worker_serial = 0;        // counts attempts handed to workers
   std::string response_body;
   absl::Time deadline = absl::InfiniteFuture();  // of the current wait on the upstream
 };
@@ -54,6 +55,9 @@ struct LoopCall {
 // Longest request target and header line the loops serve (httplib's limits; beyond them it
 // answers 414 or 400 itself).
 constexpr size_t kMaxLineBytes = 8192;
+
+// Time a worker may take to start opening a connection, on top of the connect timeout.
+constexpr absl::Duration kWorkerQueueSlack = absl::Seconds(5);
 
 // Largest error body read from an upstream that refused a key.
 constexpr size_t kMaxRefusalBodyBytes = 64 * 1024;
@@ -164,12 +168,12 @@ class StreamRelay::Loop {
   }
 
   // From a worker thread: the attempt of `call` (served on `r`) is done.
-  void PostSent(Relayed* r, std::shared_ptr<LoopCall> call,
+  void PostSent(Relayed* r, std::shared_ptr<LoopCall> call, uint64_t serial,
                 absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent) {
     {
       MutexLock lock(&mu_);
       if (stop_) return;  // the loop has ended: the exchange closes here
-      sent_.push_back(Sent{r, std::move(call), std::move(sent)});
+      sent_.push_back(Sent{r, std::move(call), serial, std::move(sent)});
     }
     Wake();
   }
@@ -249,9 +253,13 @@ class StreamRelay::Loop {
         sent.swap(sent_);
       }
       for (Sent& result : sent) {
-        // The connection may have ended meanwhile (its call is then another or none).
+        // The connection may have ended meanwhile (its call is then another or none), or the
+        // attempt timed out and the call moved on.
         Relayed* r = result.r;
-        if (streams_.count(r) == 0 || r->call != result.call || r->phase != Phase::kWorker) continue;
+        if (streams_.count(r) == 0 || r->call != result.call || r->phase != Phase::kWorker ||
+            r->call->worker_serial != result.serial) {
+          continue;
+        }
         OnSent(r, std::move(result.sent));
       }
       if (stop) break;
@@ -667,7 +675,7 @@ class StreamRelay::Loop {
         return;
       }
       c.exchange = std::move(*started);
-      c.deadline = absl::Now() + relay_->options_.first_byte_timeout;
+      c.deadline = absl::Now() + relay_->proxy_->client()->options().write_timeout;
       r->upstream_fd = c.exchange->fd();  // watched from its first wait (SetUpstreamEvents)
       r->upstream_events = 0;
       r->upstream_paused = false;
@@ -683,10 +691,17 @@ class StreamRelay::Loop {
     r->phase = Phase::kWorker;
     std::shared_ptr<LoopCall> call = r->call;
     UpstreamClient* client = relay_->proxy_->client();
-    relay_->workers_->enqueue([this, r, call, client]() mutable {
-      absl::StatusOr<std::unique_ptr<UpstreamExchange>> opened =
-          client->Open(call->call->request(), call->cancel);
-      PostSent(r, std::move(call), std::move(opened));
+    // Bounded like a connect, plus time to get a worker: past it the attempt counts as failed
+    // (the worker's late result is then dropped).
+    call->deadline = absl::Now() + client->options().connect_timeout + kWorkerQueueSlack;
+    const uint64_t serial = ++call->worker_serial;
+    // The worker gets its own copy: the loop may move on to the next attempt meanwhile (the
+    // body it refers to is the call's, which the worker keeps alive).
+    UpstreamRequest request = call->call->request();
+    relay_->workers_->enqueue([this, r, call, client, serial,
+                               request = std::move(request)]() mutable {
+      absl::StatusOr<std::unique_ptr<UpstreamExchange>> opened = client->Open(request, call->cancel);
+      PostSent(r, std::move(call), serial, std::move(opened));
     });
   }
 
@@ -698,7 +713,7 @@ class StreamRelay::Loop {
       return;
     }
     c.exchange = std::move(*opened);
-    c.deadline = absl::Now() + relay_->options_.first_byte_timeout;
+    c.deadline = absl::Now() + relay_->proxy_->client()->options().write_timeout;
     r->upstream_fd = c.exchange->fd();
     r->upstream_events = 0;
     r->upstream_paused = false;
@@ -734,8 +749,13 @@ class StreamRelay::Loop {
     LoopCall& c = *r->call;
     if (c.exchange == nullptr) return;
     if (!c.exchange->head_complete()) {
+      const bool was_written = c.exchange->request_written();
       UpstreamExchange::Wait wait;
       absl::StatusOr<bool> done = c.exchange->TryCompleteHead(&wait);
+      if (!was_written && c.exchange->request_written()) {
+        // The request is out: from now on the wait is for the answer.
+        c.deadline = absl::Now() + relay_->options_.first_byte_timeout;
+      }
       if (!done.ok()) {
         if (c.exchange->stale()) {
           // The server had closed the pooled connection: resend on a fresh one.
@@ -821,12 +841,14 @@ class StreamRelay::Loop {
   void StreamStalled(Relayed* r, const absl::Status& error, bool stalled) {
     LoopCall& c = *r->call;
     const int status = c.exchange->head().status;
+    const ResponseHead head_seen = c.exchange->head();
     c.awaiting_first_byte = false;
     DropExchange(r);
     if (relay_->proxy_->aborting()) {
       Answer(r, c.call->ShuttingDown());
       return;
     }
+    c.call->SawHead(head_seen);
     c.call->TransportFailed(
         stalled ? absl::DeadlineExceededError(absl::StrCat(
                       "no first byte within ",
@@ -895,10 +917,16 @@ class StreamRelay::Loop {
   void CallTimedOut(Relayed* r) {
     LoopCall& c = *r->call;
     const bool head_wait = c.exchange == nullptr || !c.exchange->head_complete();
-    absl::Status error = absl::DeadlineExceededError(absl::StrCat(
-        head_wait ? "upstream response head: timed out after " : "upstream body: no data for ",
-        absl::FormatDuration(head_wait ? relay_->options_.first_byte_timeout
-                                       : relay_->options_.idle_timeout)));
+    const bool write_wait = head_wait && c.exchange != nullptr && !c.exchange->request_written();
+    absl::Status error = absl::DeadlineExceededError(
+        write_wait
+            ? absl::StrCat("upstream request write: timed out after ",
+                           absl::FormatDuration(relay_->proxy_->client()->options().write_timeout))
+            : absl::StrCat(
+                  head_wait ? "upstream response head: timed out after "
+                            : "upstream body: no data for ",
+                  absl::FormatDuration(head_wait ? relay_->options_.first_byte_timeout
+                                                 : relay_->options_.idle_timeout)));
     if (c.awaiting_first_byte) {
       StreamStalled(r, error, /*stalled=*/true);
     } else if (head_wait) {
@@ -1010,7 +1038,15 @@ class StreamRelay::Loop {
         continue;
       }
       if (r->phase == Phase::kWorker) {
-        if (aborting) r->call->cancel->Cancel();  // the worker's Send ends at once
+        if (aborting) {
+          r->call->cancel->Cancel();  // the worker's connect ends at once
+        } else if (now >= r->call->deadline) {
+          AttemptFailed(r, absl::DeadlineExceededError(absl::StrCat(
+                               "upstream connect: no connection within ",
+                               absl::FormatDuration(relay_->proxy_->client()->options()
+                                                        .connect_timeout +
+                                                    kWorkerQueueSlack))));
+        }
         continue;
       }
       if (now - r->write_blocked_since > relay_->options_.write_timeout) {
@@ -1040,6 +1076,7 @@ class StreamRelay::Loop {
   struct Sent {
     Relayed* r;
     std::shared_ptr<LoopCall> call;
+    uint64_t serial;  // LoopCall::worker_serial of the attempt
     absl::StatusOr<std::unique_ptr<UpstreamExchange>> sent;
   };
   std::vector<Sent> sent_ ABSL_GUARDED_BY(mu_);  // workers' results

@@ -1192,6 +1192,8 @@ absl::Status UpstreamClient::init_status() const { return shared_->init_status; 
 
 const UpstreamEndpoint& UpstreamClient::endpoint() const { return shared_->endpoint; }
 
+const UpstreamClientOptions& UpstreamClient::options() const { return shared_->options; }
+
 absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::Send(
     const UpstreamRequest& request, const std::function<bool()>& should_abort,
     std::shared_ptr<CancelToken> cancel) {

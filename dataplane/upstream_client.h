@@ -161,6 +161,10 @@ class UpstreamExchange {
   bool stale() const { return stale_; }
   // The response head is complete (always, for an exchange from Send).
   bool head_complete() const { return pending_ == nullptr; }
+  // The whole request has been written.
+  bool request_written() const {
+    return pending_ == nullptr || pending_->written == pending_->wire.size() + pending_->body.size();
+  }
   // The socket of this exchange's connection (for epoll), or -1 once it was closed.
   int fd() const;
 
@@ -234,6 +238,7 @@ class UpstreamClient {
 
   // OK, or why the client cannot work (TLS context or CA file). Cheap.
   absl::Status init_status() const;
+  const UpstreamClientOptions& options() const;
   const UpstreamEndpoint& endpoint() const;
 
   // Takes a pooled connection (or connects: getaddrinfo, non-blocking connect, TLS handshake

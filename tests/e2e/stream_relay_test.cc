@@ -404,6 +404,8 @@ TEST_F(LoopServingTest, AStreamWithoutAFirstByteIsRetriedThenAnswered504) {
   nlohmann::json line = RequestLine(HeaderValue(head, "x-request-id"));
   EXPECT_EQ(line.value("attempts", 0), 2);
   EXPECT_TRUE(line.value("stream", false));
+  // The upstream answered (its head came, its first event did not): its trace id is kept.
+  EXPECT_TRUE(absl::StartsWith(line.value("upstream_trace_id", ""), "fake-")) << line.dump();
   int stalled = 0;
   for (const nlohmann::json& l : cluster_.dataplane(0).LogLines()) {
     stalled += l.value("event", "") == "upstream_stream_stalled" ? 1 : 0;
@@ -494,6 +496,20 @@ TEST_F(LoopServingTest, RequestsLeftToServerThreadsAreAnsweredInOrderOnTheSameCo
   exchange(PlainRequest("POST", "/v1/chat/completions", ChatBody(1), "", "HTTP/1.1", "wrong"));
   EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 401 ")) << head;
   EXPECT_EQ(nlohmann::json::parse(body)["error"]["code"], "invalid_api_key");
+  EXPECT_TRUE(conn.ClosedByServer());
+}
+
+TEST_F(LoopServingTest, AWrongKeyWithExpectContinueGets401WithoutAnInvitationAndAClose) {
+  RawConnection conn(cluster_.dataplane_port(0));
+  ASSERT_TRUE(conn.connected());
+  // Only the head: a client that expects 100 Continue waits before sending its body.
+  std::string request = PlainRequest("POST", "/v1/chat/completions", std::string(100000, 'x'),
+                                     "Expect: 100-continue\r\n", "HTTP/1.1", "wrong");
+  ASSERT_TRUE(conn.Send(request.substr(0, request.find("\r\n\r\n") + 4)));
+  std::string head, body;
+  ASSERT_TRUE(conn.ReadResponse(&head, &body));
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 401 ")) << head;
+  EXPECT_EQ(HeaderValue(head, "connection"), "close") << head;
   EXPECT_TRUE(conn.ClosedByServer());
 }
 
