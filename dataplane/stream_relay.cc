@@ -665,7 +665,7 @@ class StreamRelay::Loop {
         return;
       }
       absl::StatusOr<std::unique_ptr<UpstreamExchange>> started =
-          proxy->client()->StartOnPooled(c.call->request(), c.cancel);
+          proxy->client()->StartInLoop(c.call->request(), c.cancel);
       if (!started.ok()) {
         c.call->TransportFailed(started.status());
         continue;
@@ -675,7 +675,9 @@ class StreamRelay::Loop {
         return;
       }
       c.exchange = std::move(*started);
-      c.deadline = absl::Now() + relay_->proxy_->client()->options().write_timeout;
+      const UpstreamClientOptions& upstream = relay_->proxy_->client()->options();
+      c.deadline = absl::Now() + (c.exchange->connecting() ? upstream.connect_timeout
+                                                           : upstream.write_timeout);
       r->upstream_fd = c.exchange->fd();  // watched from its first wait (SetUpstreamEvents)
       r->upstream_events = 0;
       r->upstream_paused = false;
@@ -749,18 +751,24 @@ class StreamRelay::Loop {
     LoopCall& c = *r->call;
     if (c.exchange == nullptr) return;
     if (!c.exchange->head_complete()) {
+      const bool was_connecting = c.exchange->connecting();
       const bool was_written = c.exchange->request_written();
       UpstreamExchange::Wait wait;
       absl::StatusOr<bool> done = c.exchange->TryCompleteHead(&wait);
+      if (was_connecting && !c.exchange->connecting()) {
+        // Connected: from now on the wait is for writing the request.
+        c.deadline = absl::Now() + relay_->proxy_->client()->options().write_timeout;
+      }
       if (!was_written && c.exchange->request_written()) {
         // The request is out: from now on the wait is for the answer.
         c.deadline = absl::Now() + relay_->options_.first_byte_timeout;
       }
       if (!done.ok()) {
-        if (c.exchange->stale()) {
-          // The server had closed the pooled connection: resend on a fresh one.
+        if (c.exchange->stale() || c.exchange->connect_failed()) {
+          // The server had closed the pooled connection, or the cached address refused: a
+          // worker opens a fresh connection (resolving again, trying every address).
+          if (c.exchange->stale()) relay_->proxy_->client()->CountStaleRetry();
           DropExchange(r);
-          relay_->proxy_->client()->CountStaleRetry();
           RunOnWorker(r);
           return;
         }
@@ -917,11 +925,16 @@ class StreamRelay::Loop {
   void CallTimedOut(Relayed* r) {
     LoopCall& c = *r->call;
     const bool head_wait = c.exchange == nullptr || !c.exchange->head_complete();
+    const bool connect_wait = head_wait && c.exchange != nullptr && c.exchange->connecting();
     const bool write_wait = head_wait && c.exchange != nullptr && !c.exchange->request_written();
+    const UpstreamClientOptions& upstream = relay_->proxy_->client()->options();
     absl::Status error = absl::DeadlineExceededError(
-        write_wait
+        connect_wait
+            ? absl::StrCat("upstream connect to ", relay_->proxy_->client()->endpoint().Origin(),
+                           ": timed out after ", absl::FormatDuration(upstream.connect_timeout))
+        : write_wait
             ? absl::StrCat("upstream request write: timed out after ",
-                           absl::FormatDuration(relay_->proxy_->client()->options().write_timeout))
+                           absl::FormatDuration(upstream.write_timeout))
             : absl::StrCat(
                   head_wait ? "upstream response head: timed out after "
                             : "upstream body: no data for ",

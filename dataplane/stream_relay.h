@@ -7,9 +7,10 @@
 // reads it; if it is a proxied API request that needs nothing of httplib (HTTP/1.1, a
 // Content-Length body or none, no Expect, no percent-encoded path, authenticated; see
 // LoopAdmission) the loop serves it: a ProxyCall picks keys and applies the retry rules (a
-// stream's first byte included), the upstream exchange runs on a pooled keep-alive connection
-// without blocking, and an attempt that needs a new upstream connection has a worker thread
-// open it (DNS, connect, TLS handshake), then continues in the loop. Every other request goes
+// stream's first byte included), and the upstream exchange runs without blocking on a pooled
+// keep-alive connection or a new one the loop connects itself (TLS handshake included); only
+// when the upstream address is not cached (or the cached one fails) a worker thread resolves
+// and opens the connection, and the loop continues with it. Every other request goes
 // back to a server thread with the bytes read so far (HttpServer::ResumeConnection), where
 // httplib serves it as before.
 //

@@ -576,6 +576,14 @@ struct Shared {
   absl::StatusOr<std::vector<ResolvedAddress>> Resolve();
   absl::StatusOr<std::unique_ptr<Connection>> Connect(const WaitCtx& ctx);
   absl::Status Handshake(Connection* c, absl::Time deadline, const WaitCtx& ctx);
+  // The TLS state of a connected socket: SNI, verification of the host, session resumption.
+  absl::Status SetUpTls(Connection* c, absl::string_view phase);
+  // One non-blocking handshake step: kOk once done, kWantRead/kWantWrite, or a failure.
+  IoResult HandshakeStep(Connection* c);
+  // Why a handshake failed, for its error message.
+  std::string HandshakeFailure(Connection* c, const IoResult& io);
+  // The first resolved address while the DNS cache is fresh (never resolves). False if none.
+  bool CachedAddress(ResolvedAddress* out);
   static int OnNewSession(SSL* ssl, SSL_SESSION* session);
 
   const UpstreamEndpoint endpoint;
@@ -793,8 +801,7 @@ absl::StatusOr<std::unique_ptr<Connection>> Shared::Connect(const WaitCtx& ctx) 
   return absl::UnavailableError(absl::StrCat(phase, " failed: ", last_error));
 }
 
-absl::Status Shared::Handshake(Connection* c, absl::Time deadline, const WaitCtx& ctx) {
-  const std::string phase = absl::StrCat("upstream TLS handshake with ", origin);
+absl::Status Shared::SetUpTls(Connection* c, absl::string_view phase) {
   c->ssl = SSL_new(ssl_ctx);
   BIO* bio = c->ssl != nullptr ? BIO_new(NoSigpipeBioMethod()) : nullptr;
   if (bio == nullptr) {
@@ -817,30 +824,51 @@ absl::Status Shared::Handshake(Connection* c, absl::Time deadline, const WaitCtx
     if (session != nullptr) SSL_set_session(c->ssl, session);
   }
   SSL_set_connect_state(c->ssl);
+  return absl::OkStatus();
+}
+
+IoResult Shared::HandshakeStep(Connection* c) {
+  ERR_clear_error();
+  errno = 0;
+  int r = SSL_do_handshake(c->ssl);
+  if (r == 1) {
+    if (SSL_session_reused(c->ssl)) tls_resumptions.fetch_add(1, std::memory_order_relaxed);
+    return IoResult();
+  }
+  return c->SslResult(r);
+}
+
+std::string Shared::HandshakeFailure(Connection* c, const IoResult& io) {
+  long verify = SSL_get_verify_result(c->ssl);  // NOLINT(runtime/int)
+  if (verify != X509_V_OK) {
+    return absl::StrCat("certificate verification failed: ", X509_verify_cert_error_string(verify));
+  }
+  return io.kind == IoKind::kEof ? "connection closed" : io.error;
+}
+
+bool Shared::CachedAddress(ResolvedAddress* out) {
+  MutexLock lock(&mu);
+  if (dns_addrs.empty() || absl::Now() >= dns_expiry) return false;
+  *out = dns_addrs.front();
+  return true;
+}
+
+absl::Status Shared::Handshake(Connection* c, absl::Time deadline, const WaitCtx& ctx) {
+  const std::string phase = absl::StrCat("upstream TLS handshake with ", origin);
+  absl::Status st = SetUpTls(c, phase);
+  if (!st.ok()) return st;
   while (true) {
-    ERR_clear_error();
-    errno = 0;
-    int r = SSL_do_handshake(c->ssl);
-    if (r == 1) break;
-    IoResult io = c->SslResult(r);
-    absl::Status st;
+    IoResult io = HandshakeStep(c);
+    if (io.kind == IoKind::kOk) return absl::OkStatus();
     if (io.kind == IoKind::kWantRead) {
       st = WaitFd(c->fd, POLLIN, deadline, ctx, phase, options.connect_timeout);
     } else if (io.kind == IoKind::kWantWrite) {
       st = WaitFd(c->fd, POLLOUT, deadline, ctx, phase, options.connect_timeout);
     } else {
-      long verify = SSL_get_verify_result(c->ssl);  // NOLINT(runtime/int)
-      if (verify != X509_V_OK) {
-        return IoFailure(ctx, phase,
-                         absl::StrCat("certificate verification failed: ",
-                                      X509_verify_cert_error_string(verify)));
-      }
-      return IoFailure(ctx, phase, io.kind == IoKind::kEof ? "connection closed" : io.error);
+      return IoFailure(ctx, phase, HandshakeFailure(c, io));
     }
     if (!st.ok()) return st;
   }
-  if (SSL_session_reused(c->ssl)) tls_resumptions.fetch_add(1, std::memory_order_relaxed);
-  return absl::OkStatus();
 }
 
 }  // namespace upstream_internal
@@ -1004,6 +1032,44 @@ class UpstreamExchangeIo {
     const WaitCtx ctx{nullptr, ex->cancel_.get(), ex->shared_->options.abort_poll_interval};
     if (ex->cancel_->cancelled()) return upstream_internal::CancelledIn(kWritePhase);
     Connection* c = ex->conn_.get();
+    Shared& s = *ex->shared_;
+    if (p.connecting) {
+      pollfd pfd{c->fd, POLLOUT, 0};
+      if (::poll(&pfd, 1, 0) == 0) {
+        *wait = UpstreamExchange::Wait::kWrite;
+        return false;
+      }
+      int err = 0;
+      socklen_t len = sizeof(err);
+      if (::getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+      if (err != 0) {
+        ex->connect_failed_ = true;
+        return upstream_internal::IoFailure(ctx, absl::StrCat("upstream connect to ", s.origin),
+                                            upstream_internal::ErrnoText(err));
+      }
+      p.connecting = false;
+      if (s.endpoint.tls) {
+        absl::Status st = s.SetUpTls(c, absl::StrCat("upstream TLS handshake with ", s.origin));
+        if (!st.ok()) return st;
+        p.handshaking = true;
+      } else {
+        s.connects.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+    if (p.handshaking) {
+      IoResult io = s.HandshakeStep(c);
+      if (io.kind == IoKind::kWantRead || io.kind == IoKind::kWantWrite) {
+        *wait = io.kind == IoKind::kWantRead ? UpstreamExchange::Wait::kRead
+                                             : UpstreamExchange::Wait::kWrite;
+        return false;
+      }
+      if (io.kind != IoKind::kOk) {
+        return upstream_internal::IoFailure(
+            ctx, absl::StrCat("upstream TLS handshake with ", s.origin), s.HandshakeFailure(c, io));
+      }
+      p.handshaking = false;
+      s.connects.fetch_add(1, std::memory_order_relaxed);
+    }
     const bool writing = p.written < p.wire.size() + p.body.size();
     while (p.written < p.wire.size() + p.body.size()) {
       const bool in_wire = p.written < p.wire.size();
@@ -1253,7 +1319,7 @@ absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::Send(
   }
 }
 
-absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::StartOnPooled(
+absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::StartInLoop(
     const UpstreamRequest& request, std::shared_ptr<CancelToken> cancel) {
   return Start(request, std::move(cancel), /*pooled_only=*/true);
 }
@@ -1288,11 +1354,30 @@ absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::Start(
   pending->head_request = request.method == "HEAD";
   if (cancel == nullptr) cancel = std::make_shared<CancelToken>();
   std::unique_ptr<Connection> conn;
+  bool reused = false;
   if (pooled_only) {
     conn = s.TakeIdle();
-    if (conn == nullptr) return std::unique_ptr<UpstreamExchange>();
-    s.reuses.fetch_add(1, std::memory_order_relaxed);
-    conn->Attach(cancel.get());
+    if (conn != nullptr) {
+      reused = true;
+      s.reuses.fetch_add(1, std::memory_order_relaxed);
+      conn->Attach(cancel.get());
+    } else {
+      // Nothing pooled: a non-blocking connect to the cached address, if there is one (the
+      // loop then drives connect and handshake); else the caller's worker resolves and opens.
+      upstream_internal::ResolvedAddress a;
+      if (!s.CachedAddress(&a)) return std::unique_ptr<UpstreamExchange>();
+      int fd = ::socket(a.addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
+      if (fd < 0) return std::unique_ptr<UpstreamExchange>();
+      conn = std::make_unique<Connection>(fd);
+      int one = 1;
+      ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      if (::connect(fd, reinterpret_cast<const struct sockaddr*>(&a.addr), a.len) != 0 &&
+          errno != EINPROGRESS) {
+        return std::unique_ptr<UpstreamExchange>();  // closes; the worker tries every address
+      }
+      conn->Attach(cancel.get());
+      pending->connecting = true;
+    }
   } else {
     const std::function<bool()> no_abort;
     absl::StatusOr<std::unique_ptr<Connection>> fresh =
@@ -1301,7 +1386,7 @@ absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::Start(
     conn = std::move(*fresh);
   }
   std::unique_ptr<UpstreamExchange> ex(
-      new UpstreamExchange(shared_, std::move(conn), std::move(cancel), pooled_only));
+      new UpstreamExchange(shared_, std::move(conn), std::move(cancel), reused));
   ex->pending_ = std::move(pending);
   return ex;
 }

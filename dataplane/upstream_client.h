@@ -151,7 +151,7 @@ class UpstreamExchange {
   // ReadSome except DEADLINE_EXCEEDED.
   enum class Wait { kNone, kRead, kWrite };
   absl::StatusOr<absl::string_view> TryReadSome(Wait* wait);
-  // For an exchange from UpstreamClient::StartOnPooled (one thread drives it): writes the rest
+  // For an exchange from UpstreamClient::StartInLoop (one thread drives it): writes the rest
   // of the request and reads the response head, never waiting. True once head() is complete
   // (then use TryReadSome); false while `*wait` says what fd() must become first. No timeout
   // applies: the caller tracks write and first-byte deadlines itself. Errors as Send's; after
@@ -159,6 +159,13 @@ class UpstreamExchange {
   // server had closed it): the request may then be sent again on a fresh connection.
   absl::StatusOr<bool> TryCompleteHead(Wait* wait);
   bool stale() const { return stale_; }
+  // The failure was this exchange's own non-blocking connect (StartInLoop without a pooled
+  // connection): a worker should open a connection instead (it tries every address).
+  bool connect_failed() const { return connect_failed_; }
+  // The connection (TCP and TLS) is not established yet.
+  bool connecting() const {
+    return pending_ != nullptr && (pending_->connecting || pending_->handshaking);
+  }
   // The response head is complete (always, for an exchange from Send).
   bool head_complete() const { return pending_ == nullptr; }
   // The whole request has been written.
@@ -196,8 +203,10 @@ class UpstreamExchange {
   absl::StatusOr<absl::string_view> ReadPiece(const std::function<bool()>* should_abort,
                                               Wait* wait);
 
-  // The request still being written and the head being read (StartOnPooled exchanges only).
+  // The request still being written and the head being read (StartInLoop exchanges only).
   struct Pending {
+    bool connecting = false;   // a non-blocking connect is in progress
+    bool handshaking = false;  // the TLS handshake is in progress
     std::string wire;        // serialized head (plus the body when it went in one piece)
     absl::string_view body;  // the rest of the body; the caller keeps it alive
     size_t written = 0;      // bytes of wire + body sent
@@ -210,6 +219,7 @@ class UpstreamExchange {
   std::shared_ptr<upstream_internal::Shared> shared_;
   std::unique_ptr<Pending> pending_;
   bool stale_ = false;
+  bool connect_failed_ = false;
   std::shared_ptr<CancelToken> cancel_;  // declared before conn_: the connection refers to it
   std::unique_ptr<upstream_internal::Connection> conn_;
   bool reused_ = false;
@@ -259,16 +269,17 @@ class UpstreamClient {
       const UpstreamRequest& request, const std::function<bool()>& should_abort = nullptr,
       std::shared_ptr<CancelToken> cancel = nullptr);
 
-  // For an event loop: takes a pooled keep-alive connection and prepares `request` on it
-  // without any I/O; drive the exchange with TryCompleteHead. Returns null (OK) when no pooled
-  // connection is idle: connecting may block, so the caller sends through Send on a thread
-  // instead. `request.body` must stay alive until the head is complete. A pooled connection
+  // For an event loop: takes a pooled keep-alive connection, or when none is idle starts a
+  // non-blocking connect to the cached upstream address, and prepares `request` on it; drive the
+  // exchange with TryCompleteHead (which also completes the connect and the TLS handshake).
+  // Returns null (OK) when nothing is pooled and no address is cached (resolving blocks) or the
+  // connect fails at once: the caller then opens a connection on a thread (Open). `request.body` must stay alive until the head is complete. A pooled connection
   // that fails before any response byte (UpstreamExchange::stale()) should be retried through
   // Send; CountStaleRetry() then counts it as Send's own retries are counted. Errors:
   // INVALID_ARGUMENT (as Send), FAILED_PRECONDITION (see init_status()).
-  absl::StatusOr<std::unique_ptr<UpstreamExchange>> StartOnPooled(
+  absl::StatusOr<std::unique_ptr<UpstreamExchange>> StartInLoop(
       const UpstreamRequest& request, std::shared_ptr<CancelToken> cancel);
-  // For a worker thread serving an event loop: like StartOnPooled, on a new connection (DNS,
+  // For a worker thread serving an event loop: like StartInLoop, on a new connection (DNS,
   // connect, TLS handshake: blocking, with the connect timeout and `cancel`); the loop then
   // drives the exchange with TryCompleteHead. Errors: those of Send's connect phase.
   absl::StatusOr<std::unique_ptr<UpstreamExchange>> Open(const UpstreamRequest& request,

@@ -922,7 +922,7 @@ TEST(UpstreamClientTest, PlainWriteToResetConnectionDoesNotRaiseSigpipe) {
 
 // ---------------------------------------------------------------------------------------------
 // ---------------------------------------------------------------------------------------------
-// The event-loop API (StartOnPooled / Open / TryCompleteHead / TryReadSome), driven with poll()
+// The event-loop API (StartInLoop / Open / TryCompleteHead / TryReadSome), driven with poll()
 // as a loop would
 
 absl::Status DriveHead(UpstreamExchange* ex) {
@@ -972,7 +972,7 @@ TEST(UpstreamClientLoopTest, OpenThenPooledExchangesWithoutBlocking) {
   const std::string big(300 * 1024, 'x');  // beyond the one-write limit: head and body apart
   post.body = small;
   // Nothing pooled yet: the loop must hand the attempt to a worker.
-  absl::StatusOr<std::unique_ptr<UpstreamExchange>> none = client.StartOnPooled(post, nullptr);
+  absl::StatusOr<std::unique_ptr<UpstreamExchange>> none = client.StartInLoop(post, nullptr);
   ASSERT_TRUE(none.ok()) << none.status();
   EXPECT_EQ(*none, nullptr);
   auto ex = client.Open(post, nullptr);
@@ -986,7 +986,7 @@ TEST(UpstreamClientLoopTest, OpenThenPooledExchangesWithoutBlocking) {
   ex->reset();  // pooled again
   for (const std::string* body : {&small, &big}) {
     post.body = *body;
-    ex = client.StartOnPooled(post, nullptr);
+    ex = client.StartInLoop(post, nullptr);
     ASSERT_TRUE(ex.ok()) << ex.status();
     ASSERT_NE(*ex, nullptr);
     EXPECT_TRUE((*ex)->reused_connection());
@@ -998,6 +998,62 @@ TEST(UpstreamClientLoopTest, OpenThenPooledExchangesWithoutBlocking) {
   EXPECT_EQ(stats.connects, 1u);
   EXPECT_EQ(stats.reuses, 2u);
   EXPECT_EQ(stats.idle_now, 1u);
+}
+
+TEST(UpstreamClientLoopTest, OnceTheAddressIsCachedNewConnectionsAreOpenedInTheLoop) {
+  httplib::Server svr;
+  svr.Get("/a", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("a", "text/plain");
+  });
+  HttplibRunner run(&svr);
+  UpstreamClientOptions options;
+  options.max_idle_connections = 0;  // nothing is pooled: every exchange needs a connection
+  UpstreamClient client(Endpoint(run.port()), options);
+  // Cold DNS cache: a worker has to open the first connection.
+  auto ex = client.StartInLoop(Get("/a"), nullptr);
+  ASSERT_TRUE(ex.ok());
+  EXPECT_EQ(*ex, nullptr);
+  ex = client.Open(Get("/a"), nullptr);
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  ASSERT_TRUE(DriveHead(ex->get()).ok());
+  EXPECT_EQ(*DriveBody(ex->get()), "a");
+  ex->reset();
+  // Now the loop connects by itself.
+  for (int i = 0; i < 2; ++i) {
+    ex = client.StartInLoop(Get("/a"), nullptr);
+    ASSERT_TRUE(ex.ok() && *ex != nullptr);
+    EXPECT_FALSE((*ex)->reused_connection());
+    ASSERT_TRUE(DriveHead(ex->get()).ok());
+    EXPECT_FALSE((*ex)->connecting());
+    EXPECT_EQ(*DriveBody(ex->get()), "a");
+    ex->reset();
+  }
+  EXPECT_EQ(client.GetStats().connects, 3u);
+  EXPECT_EQ(client.GetStats().reuses, 0u);
+}
+
+TEST(UpstreamClientLoopTest, AConnectRefusedInTheLoopIsLeftToAWorker) {
+  auto svr = std::make_unique<httplib::Server>();
+  svr->Get("/a", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("a", "text/plain");
+  });
+  auto run = std::make_unique<HttplibRunner>(svr.get());
+  UpstreamClientOptions options;
+  options.max_idle_connections = 0;
+  UpstreamClient client(Endpoint(run->port()), options);
+  auto ex = client.Open(Get("/a"), nullptr);  // caches the address
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  ex->reset();
+  run.reset();  // nothing listens there any more
+  svr.reset();
+  ex = client.StartInLoop(Get("/a"), nullptr);
+  ASSERT_TRUE(ex.ok());
+  if (*ex != nullptr) {  // else the connect failed at once: also left to a worker
+    absl::Status st = DriveHead(ex->get());
+    EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+    EXPECT_TRUE((*ex)->connect_failed());
+    EXPECT_FALSE((*ex)->stale());
+  }
 }
 
 TEST(UpstreamClientLoopTest, APooledConnectionTheServerClosedIsFlaggedStale) {
@@ -1018,7 +1074,7 @@ TEST(UpstreamClientLoopTest, APooledConnectionTheServerClosedIsFlaggedStale) {
   ASSERT_TRUE(DriveHead(ex->get()).ok());
   EXPECT_EQ(*DriveBody(ex->get()), "ok");
   ex->reset();
-  ex = client.StartOnPooled(Get("/b"), nullptr);
+  ex = client.StartInLoop(Get("/b"), nullptr);
   ASSERT_TRUE(ex.ok() && *ex != nullptr);
   absl::Status st = DriveHead(ex->get());
   EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
@@ -1111,12 +1167,44 @@ TEST_F(TlsTest, LoopExchangesOverTls) {
   UpstreamRequest post = Get("/upload");
   post.method = "POST";
   post.body = big;
-  ex = client.StartOnPooled(post, nullptr);
+  ex = client.StartInLoop(post, nullptr);
   ASSERT_TRUE(ex.ok() && *ex != nullptr);
   ASSERT_TRUE(DriveHead(ex->get()).ok());
   EXPECT_EQ(*DriveBody(ex->get()), std::to_string(big.size()));
   ex->reset();
   EXPECT_EQ(client.GetStats().connects, 1u);
+}
+
+TEST_F(TlsTest, TheLoopConnectsAndHandshakesWithoutBlocking) {
+  UpstreamClientOptions options = TrustingOptions();
+  options.max_idle_connections = 0;
+  UpstreamClient client(Endpoint(runner_->port(), true, "localhost"), options);
+  auto ex = client.Open(Get("/v1/models"), nullptr);  // caches the address and a session
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  ASSERT_TRUE(DriveHead(ex->get()).ok());
+  EXPECT_TRUE(DriveBody(ex->get()).ok());
+  ex->reset();
+  ex = client.StartInLoop(Get("/v1/models"), nullptr);
+  ASSERT_TRUE(ex.ok() && *ex != nullptr);
+  EXPECT_TRUE((*ex)->connecting());
+  ASSERT_TRUE(DriveHead(ex->get()).ok());
+  EXPECT_EQ(*DriveBody(ex->get()), absl::StrCat("tls:localhost:", runner_->port()));
+  ex->reset();
+  EXPECT_EQ(client.GetStats().connects, 2u);
+  EXPECT_GE(client.GetStats().tls_resumptions, 1u);
+}
+
+TEST_F(TlsTest, AnUntrustedCertificateFailsTheLoopsHandshake) {
+  UpstreamClientOptions options;  // system CAs only: the test certificate is not trusted
+  UpstreamClient client(Endpoint(runner_->port(), true, "localhost"), options);
+  auto ex = client.Open(Get("/v1/models"), nullptr);
+  ASSERT_FALSE(ex.ok());  // but the address is cached now
+  ex = client.StartInLoop(Get("/v1/models"), nullptr);
+  ASSERT_TRUE(ex.ok() && *ex != nullptr);
+  absl::Status st = DriveHead(ex->get());
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("certificate verification failed"));
+  EXPECT_FALSE((*ex)->connect_failed());  // a real failure, not one for a worker to retry
 }
 
 TEST_F(TlsTest, NewConnectionsResumeTheSession) {
