@@ -882,6 +882,24 @@ using upstream_internal::WaitCtx;
 namespace {
 
 constexpr size_t kInitialBufferBytes = 16 * 1024;
+
+// The request head as sent to the endpoint (its Host header). FAILED_PRECONDITION when the
+// client cannot work (see init_status()), INVALID_ARGUMENT for fields that would corrupt the
+// framing.
+absl::Status SerializeUpstreamHead(const Shared& s, const UpstreamRequest& request,
+                                   std::string* wire) {
+  if (!s.init_status.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("upstream client unusable: ", s.init_status.message()));
+  }
+  HttpRequestHeadInput in;
+  in.method = request.method;
+  in.target = request.target;
+  in.host_header = s.host_header;
+  in.headers = &request.headers;
+  in.body_size = request.body.size();
+  return SerializeRequestHead(in, wire);
+}
 constexpr size_t kMaxBufferBytes = kMaxResponseHeadBytes;
 constexpr int kMaxInterimResponses = 16;
 
@@ -1264,18 +1282,8 @@ absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::Send(
     const UpstreamRequest& request, const std::function<bool()>& should_abort,
     std::shared_ptr<CancelToken> cancel) {
   Shared& s = *shared_;
-  if (!s.init_status.ok()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("upstream client unusable: ", s.init_status.message()));
-  }
   std::string wire;
-  HttpRequestHeadInput in;
-  in.method = request.method;
-  in.target = request.target;
-  in.host_header = s.host_header;
-  in.headers = &request.headers;
-  in.body_size = request.body.size();
-  absl::Status st = SerializeRequestHead(in, &wire);
+  absl::Status st = SerializeUpstreamHead(s, request, &wire);
   if (!st.ok()) return st;
   absl::string_view second = request.body;
   if (s.endpoint.tls && request.body.size() <= 16 * 1024) {
@@ -1332,18 +1340,8 @@ absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::Open(
 absl::StatusOr<std::unique_ptr<UpstreamExchange>> UpstreamClient::Start(
     const UpstreamRequest& request, std::shared_ptr<CancelToken> cancel, bool pooled_only) {
   Shared& s = *shared_;
-  if (!s.init_status.ok()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("upstream client unusable: ", s.init_status.message()));
-  }
   auto pending = std::make_unique<UpstreamExchange::Pending>();
-  HttpRequestHeadInput in;
-  in.method = request.method;
-  in.target = request.target;
-  in.host_header = s.host_header;
-  in.headers = &request.headers;
-  in.body_size = request.body.size();
-  absl::Status st = SerializeRequestHead(in, &pending->wire);
+  absl::Status st = SerializeUpstreamHead(s, request, &pending->wire);
   if (!st.ok()) return st;
   pending->body = request.body;
   if (request.body.size() <= 64 * 1024) {
