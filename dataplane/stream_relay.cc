@@ -554,12 +554,12 @@ class StreamRelay::Loop {
     bool eof = false;
     for (;;) {
       if (r->in.size() > kMaxRequestHeadBytes + relay_->options_.max_body_bytes) break;
-      size_t old_size = r->in.size();
-      r->in.resize(old_size + 16 * 1024);
-      ssize_t n = ::recv(r->client_fd, &r->in[old_size], 16 * 1024, MSG_DONTWAIT);
-      r->in.resize(old_size + static_cast<size_t>(std::max<ssize_t>(n, 0)));
+      // Into the loop's scratch buffer, then only what arrived is appended (a request is
+      // usually far smaller than the buffer).
+      ssize_t n = ::recv(r->client_fd, scratch_, sizeof(scratch_), MSG_DONTWAIT);
       if (n > 0) {
-        if (static_cast<size_t>(n) < 16 * 1024) break;  // most likely all there is for now
+        r->in.append(scratch_, static_cast<size_t>(n));
+        if (static_cast<size_t>(n) < sizeof(scratch_)) break;  // most likely all there is
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
@@ -1098,6 +1098,7 @@ class StreamRelay::Loop {
   std::unordered_map<Relayed*, std::unique_ptr<Relayed>> streams_;
   std::vector<Relayed*> ready_;
   std::vector<Relayed*> again_;  // streams that stopped at kMaxReadsPerWake
+  char scratch_[16 * 1024];      // ReadRequest's receive buffer
 };
 
 StreamRelay::StreamRelay(StreamRelayOptions options, HttpServer* server,
