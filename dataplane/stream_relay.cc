@@ -957,13 +957,12 @@ class StreamRelay::Loop {
     answer.status = head.status;
     answer.headers = ClientResponseHeaders(head, &answer.content_type);
     answer.body = std::move(c.response_body);
-    const bool no_body = head.framing == BodyFraming::kNone;
     DropExchange(r);
-    Answer(r, std::move(answer), no_body);
+    Answer(r, std::move(answer));
   }
 
   // Sends `answer` as the whole response and ends the call.
-  void Answer(Relayed* r, ProxyAnswer answer, bool no_body = false) {
+  void Answer(Relayed* r, ProxyAnswer answer) {
     LoopCall& c = *r->call;
     RequestRecord& record = c.call->record();
     answer.headers.push_back({"x-request-id", record.request_id});
@@ -971,7 +970,6 @@ class StreamRelay::Loop {
     const bool bodiless_status = answer.status == 204 || answer.status == 304;
     std::string framing = bodiless_status ? std::string()
                                           : absl::StrCat("Content-Length: ", answer.body.size());
-    if (no_body && !bodiless_status) framing = "Content-Length: 0";
     r->out = ResponseHeadBytes(answer.status, answer.headers, answer.content_type, framing,
                                r->keep_alive);
     if (!bodiless_status) r->out.append(answer.body);
